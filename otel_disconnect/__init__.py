@@ -1,0 +1,23 @@
+"""otel-disconnect: make HTTP client disconnects visible and safe in ASGI services.
+
+The public API (SPEC section 3). Everything else is internal and may change.
+"""
+
+from .errors import ClientDisconnected
+from .exposition import metrics_app
+from .instrumentor import DisconnectInstrumentor, instrument_app
+from .middleware import DisconnectMiddleware
+from .state import RequestState, client_state, current
+from .version import __version__
+
+__all__ = [
+    "ClientDisconnected",
+    "DisconnectInstrumentor",
+    "DisconnectMiddleware",
+    "RequestState",
+    "__version__",
+    "client_state",
+    "current",
+    "instrument_app",
+    "metrics_app",
+]

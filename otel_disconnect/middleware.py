@@ -1,0 +1,193 @@
+"""DisconnectMiddleware: pure ASGI; wraps receive and send, detects, feeds the request state.
+
+The middleware object holds configuration only; everything about one request lives in a
+``_Cycle`` created per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from opentelemetry import trace
+
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .config import Config, options_from
+from .errors import ClientDisconnected
+from .failsafe import internal_error
+from .receive_pump import ReceivePump
+from .state import RequestState, _current
+from .telemetry.metrics import metrics_for
+from .telemetry.recorder import Recorder
+
+_BODYLESS = frozenset(("GET", "HEAD", "DELETE", "OPTIONS"))
+
+
+class DisconnectMiddleware:
+    """Detect premature client disconnects and record them on the span and in Prometheus.
+
+    ``app.add_middleware(DisconnectMiddleware, **options)``; options are listed in
+    :class:`otel_disconnect.config.Config` and may also come from ``OTEL_DISCONNECT_*``.
+    """
+
+    def __init__(self, app: ASGIApp, **options: Any) -> None:
+        self.app = app
+        self.config: Config = options_from(options)
+        self.recorder = Recorder(metrics_for(self.config.registry))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        excluded = self.config.excluded_urls
+        if excluded is not None and excluded.search(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        try:
+            cycle = _Cycle(self, scope, receive, send)
+        except Exception:
+            internal_error("request_start", self.config.registry)
+            await self.app(scope, receive, send)
+            return
+        await cycle.run()
+
+
+class _Cycle:
+    """One request: the wrapped receive and send, the read-ahead, the state."""
+
+    __slots__ = ("app", "config", "pump", "recorder", "scope", "send_downstream", "state", "trailers")
+
+    def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send):
+        self.app = mw.app
+        self.config = mw.config
+        self.recorder = mw.recorder
+        self.scope = scope
+        self.send_downstream = send
+        self.trailers = False
+        self.state = RequestState(scope, trace.get_current_span())
+        self.pump = ReceivePump(receive, self.observe)
+        self.recorder.start(self.state)
+        if scope.get("method") in _BODYLESS or not _expects_continue(scope):
+            # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
+            # reject the request unread; with that header, the app's first receive() goes first.
+            self.pump.watch()
+
+    async def run(self) -> None:
+        token = _current.set(self.state)
+        try:
+            await self.app(self.scope, self.pump.receive, self.send)
+        except asyncio.CancelledError:
+            self.ended("cancelled")
+            raise
+        except BaseException as exc:
+            self.ended(_failure_kind(exc))
+            raise
+        else:
+            self.ended(None)
+        finally:
+            _current.reset(token)
+
+    # -- detection -----------------------------------------------------------------------------
+
+    def observe(self, message: Message) -> None:
+        """Every message read from the server, by the app or by the read-ahead, passes here."""
+        kind = message.get("type")
+        if kind == "http.request":
+            if not message.get("more_body", False):
+                self.state.body_complete = True
+        elif kind == "http.disconnect":
+            self.detect("receive")
+
+    def detect(self, detected_by: str) -> None:
+        state = self.state
+        if not state.mark_disconnected(detected_by):
+            return
+        try:
+            self.recorder.disconnect(state)
+        except Exception:
+            internal_error("disconnect", self.config.registry)
+
+    # -- the app's send ------------------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        state = self.state
+        final = False
+        kind = message["type"]
+        if kind == "http.response.body":
+            final = not message.get("more_body", False) and not self.trailers
+        elif kind == "http.response.start":
+            state.response_started = True
+            self.trailers = bool(message.get("trailers", False))
+        elif kind == "http.response.trailers":
+            final = not message.get("more_trailers", False)
+        elif kind in ("http.response.pathsend", "http.response.zerocopysend"):
+            final = not message.get("more_body", False)
+        if state.detected_perf is not None:
+            self.count_dropped(message, final)
+            if self.config.raise_on_send_after_disconnect:
+                raise ClientDisconnected("client disconnected")
+        try:
+            await self.send_downstream(message)
+        except OSError:
+            # ASGI 2.4 servers raise OSError from send() once the client is gone.
+            if not state.response_complete:
+                self.detect("send_error")
+            raise
+        if final:
+            state.response_complete = True
+            self.pump.close()
+
+    def count_dropped(self, message: Message, final: bool) -> None:
+        try:
+            state = self.state
+            state.sends_dropped += 1
+            state.bytes_dropped += len(message.get("body") or b"")
+            if final:
+                # The OpenTelemetry ASGI middleware ends the server span right after this
+                # message: write the attributes now.
+                state.set_outcome("completed")
+                self.recorder.write_span(state, time.perf_counter())
+        except Exception:
+            internal_error("send", self.config.registry)
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def ended(self, failure: str | None) -> None:
+        """The app task ended: returned (None), was cancelled, or raised (see _failure_kind)."""
+        try:
+            self.pump.close()
+            state = self.state
+            state.ended = True
+            if failure == "cancelled" and not state.response_complete:
+                # Cancelled by the server or framework with nothing else telling us why.
+                self.detect("cancelled")
+            if state.detected_perf is not None:
+                if failure == "disconnect_error":
+                    state.set_outcome("cancelled")
+                elif failure is not None:
+                    state.set_outcome(failure)
+                elif not state.response_complete:
+                    # The framework cut the stream short and returned.
+                    state.set_outcome("cancelled")
+                else:
+                    state.set_outcome("completed")
+            self.recorder.end(state)
+        except Exception:
+            internal_error("request_end", self.config.registry)
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """A framework's "client went away" exception ends the request as cancelled, not as an error:
+    Starlette raises ``ClientDisconnect`` from ``request.stream()``, and ASGI 2.4 servers (or
+    ``raise_on_send_after_disconnect``) raise ``OSError`` from ``send()``."""
+    if isinstance(exc, OSError) or type(exc).__name__ == "ClientDisconnect":
+        return "disconnect_error"
+    return "error"
+
+
+def _expects_continue(scope: Scope) -> bool:
+    for name, value in scope.get("headers") or ():
+        if name.lower() == b"expect" and value.lower() == b"100-continue":
+            return True
+    return False

@@ -1,0 +1,262 @@
+"""Watch for ``http.disconnect`` without taking messages from the app, and without a task.
+
+A handler that never calls ``receive()`` (a GET, a handler awaiting an LLM) never learns that its
+client left: the server only reports it through ``receive()``. So the pump reads ahead: it keeps
+one ``receive()`` pending for the whole request, buffers what it reads (request body chunks, at
+most ``BUFFER_LIMIT`` bytes before it pauses), and hands those messages to the app's own
+``receive()`` calls in order. ``http.disconnect`` is replayed to every later ``receive()``, which
+also evens out Hypercorn (delivers it once) and uvicorn (repeats it).
+
+The pending read is driven the way ``asyncio.Task`` drives a coroutine (step it, park a callback on
+the future it yields), but without creating a Task for it: the server's own ``receive()`` of
+uvicorn, Hypercorn and Granian only awaits plain futures. Task-per-request watchers cost tens of
+microseconds per request and leave a cancelled task and a reference cycle behind each one; this
+costs a coroutine step and a done-callback. A ``receive()`` we do not know (another middleware's
+wrapper, which may use anyio and so needs ``current_task()``) is read in a real Task instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Generator
+from typing import Any
+
+from ._types import Message, Receive
+
+BUFFER_LIMIT = 64 * 1024
+
+_DISCONNECT = "http.disconnect"
+
+
+def _unwrap(receive: Receive) -> Receive:
+    """Skip the OpenTelemetry ASGI receive wrapper: our read-ahead must not make "receive" spans.
+
+    Only that wrapper is skipped (it adds nothing but a span); any other middleware's receive may
+    change the messages and is kept. ``functools.wraps`` copied the wrapped function's name and
+    module onto it, so it is recognised by its code object.
+    """
+    while True:
+        inner = getattr(receive, "__wrapped__", None)
+        code = getattr(receive, "__code__", None)
+        if (
+            inner is None
+            or code is None
+            or code.co_name != "otel_receive"
+            or "opentelemetry" not in code.co_filename
+        ):
+            return receive
+        receive = inner
+
+
+def _drivable(receive: Receive) -> bool:
+    """True when ``receive`` is a server's own, which only awaits asyncio-style futures."""
+    owner = getattr(receive, "__self__", None)
+    if owner is None:
+        return False
+    if isinstance(owner, asyncio.Queue):  # Hypercorn hands the app ``app_queue.get``
+        return True
+    module = type(owner).__module__ or ""
+    return module.startswith(("uvicorn.", "granian."))
+
+
+class ReceivePump:
+    __slots__ = (
+        "_app_receive",
+        "_buffer",
+        "_buffered",
+        "_closed",
+        "_direct",
+        "_disconnect",
+        "_error",
+        "_future",
+        "_iter",
+        "_observe",
+        "_raw",
+        "_reading",
+        "_task",
+        "_waiters",
+    )
+
+    def __init__(self, receive: Receive, observe: Callable[[Message], None]) -> None:
+        self._app_receive = receive
+        self._raw = _unwrap(receive)
+        self._direct = _drivable(self._raw)
+        self._observe = observe
+        self._buffer: deque[Message] = deque()
+        self._buffered = 0
+        self._disconnect: Message | None = None
+        self._error: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._iter: Any = None  # the pending read's iterator, when driven without a Task
+        self._future: Any = None  # the future that read is parked on
+        self._task: asyncio.Task[Message] | None = None
+        self._reading = False  # the app itself is inside receive()
+        self._closed = False
+
+    @property
+    def pending(self) -> bool:
+        return self._iter is not None or self._task is not None
+
+    # -- the read-ahead --------------------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Read ahead until a read blocks; that blocked read is the disconnect watch."""
+        while (
+            not self._closed
+            and self._iter is None
+            and self._task is None
+            and not self._reading
+            and self._disconnect is None
+            and self._error is None
+            and self._buffered < BUFFER_LIMIT
+        ):
+            try:
+                message = self._begin()
+            except BaseException as exc:  # the server's receive() itself failed
+                self._fail(exc)
+                return
+            if message is None:
+                return
+            self._accept(message)
+
+    def _begin(self) -> Message | None:
+        if self._direct:
+            return self._advance(self._raw().__await__())
+        task = asyncio.ensure_future(_read(self._raw))
+        self._task = task
+        task.add_done_callback(self._task_done)
+        return None
+
+    def _advance(self, it: Generator[Any, None, Message]) -> Message | None:
+        try:
+            yielded = next(it)
+        except StopIteration as stop:
+            message: Message = stop.value
+            return message
+        if getattr(yielded, "_asyncio_future_blocking", None):
+            yielded._asyncio_future_blocking = False
+            self._iter = it
+            self._future = yielded
+            yielded.add_done_callback(self._wake)
+            return None
+        if yielded is None:  # a bare yield: asyncio runs the coroutine again on the next turn
+            self._iter = it
+            self._future = None
+            asyncio.get_running_loop().call_soon(self._wake, None)
+            return None
+        it.close()
+        raise RuntimeError(f"receive() yielded {yielded!r}, not a future")
+
+    def _wake(self, _future: Any) -> None:
+        it = self._iter
+        if self._closed or it is None:
+            return
+        self._iter = None
+        self._future = None
+        try:
+            message = self._advance(it)
+        except BaseException as exc:
+            self._fail(exc)
+            return
+        if message is not None:
+            self._accept(message)
+            self.watch()
+
+    def _task_done(self, task: asyncio.Task[Message]) -> None:
+        if task is not self._task:
+            return
+        self._task = None
+        if task.cancelled():
+            self._wake_waiters()
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._fail(exc)
+            return
+        self._accept(task.result())
+        self.watch()
+
+    def _accept(self, message: Message) -> None:
+        self._observe(message)
+        if message.get("type") == _DISCONNECT:
+            self._disconnect = message
+        else:
+            self._buffer.append(message)
+            self._buffered += len(message.get("body") or b"")
+        self._wake_waiters()
+
+    def _fail(self, exc: BaseException) -> None:
+        # The app would have got this from its own receive(): hand it over at its next call.
+        self._error = exc
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    # -- the app's receive ---------------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        while True:
+            if self._buffer:
+                message = self._buffer.popleft()
+                self._buffered -= len(message.get("body") or b"")
+                self.watch()  # resumes a read-ahead paused at the buffer limit
+                return message
+            if self._disconnect is not None:
+                return dict(self._disconnect)
+            if self._error is not None:
+                exc, self._error = self._error, None
+                raise exc
+            if self.pending and not self._closed:
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+                continue
+            self._reading = True
+            try:
+                message = await self._app_receive()
+            finally:
+                self._reading = False
+            self._observe(message)
+            if message.get("type") == _DISCONNECT:
+                self._disconnect = message
+            else:
+                self.watch()
+            return message
+
+    def close(self) -> None:
+        """Stop reading ahead (the response is complete, or the app ended). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        future, self._future = self._future, None
+        if future is not None:
+            try:
+                future.remove_done_callback(self._wake)
+            except Exception:
+                pass
+        it, self._iter = self._iter, None
+        if it is not None:
+            stop = getattr(it, "close", None) or getattr(it, "cancel", None)
+            if stop is not None:
+                stop()
+        task, self._task = self._task, None
+        if task is not None:
+            task.remove_done_callback(self._task_done)
+            task.cancel()
+        self._wake_waiters()
+
+
+async def _read(receive: Receive) -> Message:
+    # receive() is called inside the task, so a task cancelled before it starts leaves no
+    # never-awaited coroutine behind.
+    return await receive()

@@ -1,0 +1,193 @@
+"""Per-request state, the ContextVar that carries it, ``current()`` and ``client_state``.
+
+The middleware writes the state; token sources and database hooks add to it through
+``current()``; the recorder reads it. Nothing here imports the middleware or the sinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+from ._types import Scope
+
+PHASE_REQUEST_BODY = "request_body"
+PHASE_BEFORE_RESPONSE = "before_response"
+PHASE_STREAMING = "streaming"
+
+DisconnectListener = Callable[["RequestState"], None]
+
+
+class RequestState:
+    """What one HTTP request has done so far. Read-only to the app (see ``current()``)."""
+
+    __slots__ = (
+        "_detected_by",
+        "_disconnected_at",
+        "_event",
+        "_listeners",
+        "_outcome",
+        "_phase_at_disconnect",
+        "body_complete",
+        "bytes_dropped",
+        "detected_perf",
+        "ended",
+        "extras",
+        "method",
+        "protected_section",
+        "response_complete",
+        "response_started",
+        "retry_of_disconnected",
+        "route",
+        "scope",
+        "sends_dropped",
+        "span",
+        "span_written",
+        "start_perf",
+        "stream_end",
+    )
+
+    def __init__(self, scope: Scope, span: Any = None) -> None:
+        self.scope = scope
+        self.span = span
+        self.span_written = False
+        self.method: str = scope.get("method", "GET")
+        self.route: str | None = None
+        self.start_perf = time.perf_counter()
+        self.body_complete = False
+        self.response_started = False
+        self.response_complete = False
+        self.ended = False
+        self.detected_perf: float | None = None
+        self.sends_dropped = 0
+        self.bytes_dropped = 0
+        self.protected_section: str | None = None
+        self.stream_end: str | None = None
+        self.retry_of_disconnected = False
+        # Token and database accounting hang their per-request objects here, keyed by module.
+        self.extras: dict[str, Any] | None = None
+        self._disconnected_at: float | None = None
+        self._detected_by: str | None = None
+        self._outcome: str | None = None
+        self._phase_at_disconnect: str | None = None
+        self._event: asyncio.Event | None = None
+        self._listeners: list[DisconnectListener] | None = None
+
+    # -- read by apps ---------------------------------------------------------------------------
+
+    @property
+    def disconnected(self) -> bool:
+        """True once the client left before the final response body was sent."""
+        return self._disconnected_at is not None
+
+    @property
+    def disconnected_at(self) -> float | None:
+        """Wall-clock time (``time.time()``) of detection, or None."""
+        return self._disconnected_at
+
+    @property
+    def phase(self) -> str:
+        """The request's phase now, or the phase it was in when the client left."""
+        if self._phase_at_disconnect is not None:
+            return self._phase_at_disconnect
+        if not self.body_complete:
+            return PHASE_REQUEST_BODY
+        return PHASE_STREAMING if self.response_started else PHASE_BEFORE_RESPONSE
+
+    @property
+    def detected_by(self) -> str | None:
+        return self._detected_by
+
+    @property
+    def outcome(self) -> str | None:
+        return self._outcome
+
+    @property
+    def offset_s(self) -> float | None:
+        """Request start to detection, in seconds."""
+        if self.detected_perf is None:
+            return None
+        return self.detected_perf - self.start_perf
+
+    async def wait_disconnected(self) -> None:
+        """Return when the client disconnects prematurely (never, if it does not)."""
+        if self._disconnected_at is not None:
+            return
+        if self._event is None:
+            self._event = asyncio.Event()
+        await self._event.wait()
+
+    def __repr__(self) -> str:
+        return (
+            f"<RequestState {self.method} route={self.route!r} disconnected={self.disconnected}"
+            f" phase={self.phase!r} detected_by={self._detected_by!r} outcome={self._outcome!r}>"
+        )
+
+    # -- written by the middleware and integrations -----------------------------------------
+
+    def mark_disconnected(self, detected_by: str) -> bool:
+        """Record a premature disconnect once; False if it was already recorded or not premature."""
+        if self._disconnected_at is not None or self.response_complete:
+            return False
+        self._phase_at_disconnect = self.phase
+        self.detected_perf = time.perf_counter()
+        self._disconnected_at = time.time()
+        self._detected_by = detected_by
+        if self._event is not None:
+            self._event.set()
+        return True
+
+    def set_outcome(self, outcome: str) -> None:
+        if self._outcome is None:
+            self._outcome = outcome
+
+    def add_disconnect_listener(self, listener: DisconnectListener) -> None:
+        """Call ``listener(state)`` at detection (database hooks snapshot transactions there)."""
+        if self._listeners is None:
+            self._listeners = []
+        self._listeners.append(listener)
+
+    def remove_disconnect_listener(self, listener: DisconnectListener) -> None:
+        if self._listeners and listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def disconnect_listeners(self) -> list[DisconnectListener]:
+        return list(self._listeners) if self._listeners else []
+
+    def extra(self, key: str, factory: Callable[[], Any]) -> Any:
+        """The integration object stored under ``key``, created by ``factory`` on first use."""
+        if self.extras is None:
+            self.extras = {}
+        found = self.extras.get(key)
+        if found is None:
+            found = self.extras[key] = factory()
+        return found
+
+
+_current: ContextVar[RequestState | None] = ContextVar("otel_disconnect_request", default=None)
+
+
+def current() -> RequestState | None:
+    """The current request's state, or None outside a request the middleware sees."""
+    return _current.get()
+
+
+_DETACHED_SCOPE: Scope = {"type": "http", "method": "GET"}
+
+
+async def client_state() -> RequestState:
+    """FastAPI dependency: ``state: RequestState = Depends(client_state)``.
+
+    Async on purpose: FastAPI runs sync dependencies in a thread pool, and this is a lookup.
+
+    It reads the ContextVar the middleware set, so it works behind ``BaseHTTPMiddleware`` (whose
+    ``Request.is_disconnected()`` never turns True). Without the middleware it returns a state that
+    never disconnects instead of failing the request.
+    """
+    state = _current.get()
+    if state is None:
+        state = RequestState(_DETACHED_SCOPE)
+    return state

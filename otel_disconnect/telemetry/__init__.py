@@ -1,0 +1,1 @@
+"""Sinks: Prometheus metrics and OpenTelemetry span attributes, fed by the recorder."""

@@ -1,0 +1,153 @@
+"""Every Prometheus metric of SPEC section 6, defined once per registry.
+
+A middleware, a token source or a database hook asks ``metrics_for(registry)`` and gets the same
+object for the same registry, so two middlewares on one registry never register a name twice.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "otel_disconnect_"
+
+# The client timeouts people actually configure (5, 10, 15, 30, 60 s) are bucket bounds, so a
+# 10 s client timeout against a 30 s server timeout shows up as a step at le="10".
+CLIENT_WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300)
+WORK_AFTER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+MAX_MODELS = 20
+OTHER_MODEL = "other"
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
+
+
+class Metrics:
+    """The metric families; label children are cached because ``labels()`` costs a lock and a tuple."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        reg: Any = registry
+        self.requests = Counter(
+            PREFIX + "requests", "HTTP requests seen by the disconnect middleware.",
+            ["route", "method"], registry=reg,
+        )
+        self.client_disconnects = Counter(
+            PREFIX + "client_disconnects",
+            "Premature client disconnects: the client left before the final response body.",
+            ["route", "method", "phase", "outcome"], registry=reg,
+        )
+        self.client_wait = Histogram(
+            PREFIX + "client_wait_seconds",
+            "How long clients that disconnected prematurely waited before leaving.",
+            ["route"], buckets=CLIENT_WAIT_BUCKETS, registry=reg,
+        )
+        self.work_after_disconnect = Histogram(
+            PREFIX + "work_after_disconnect_seconds",
+            "Time the app kept working for a request after its client left.",
+            ["route", "outcome"], buckets=WORK_AFTER_BUCKETS, registry=reg,
+        )
+        # livesum: in multi-process mode the exposition sums the live workers' values.
+        self.inflight = Gauge(
+            PREFIX + "inflight_requests",
+            "Requests in flight; client=\"disconnected\" are zombie requests working for nobody.",
+            ["client"], registry=reg, multiprocess_mode="livesum",
+        )
+        self.sends_after_disconnect = Counter(
+            PREFIX + "sends_after_disconnect", "send() calls the app made after its client left.",
+            ["route"], registry=reg,
+        )
+        self.bytes_after_disconnect = Counter(
+            PREFIX + "bytes_after_disconnect",
+            "Response body bytes the app sent after its client left.", ["route"], registry=reg,
+        )
+        self.retries_after_disconnect = Counter(
+            PREFIX + "retries_after_disconnect",
+            "Requests that repeat a request whose client disconnected within the retry window.",
+            ["route"], registry=reg,
+        )
+        self.llm_tokens = Counter(
+            PREFIX + "llm_tokens", "Output tokens generated.", ["route", "model"], registry=reg,
+        )
+        self.llm_tokens_after_disconnect = Counter(
+            PREFIX + "llm_tokens_after_disconnect",
+            "Output tokens generated after the client disconnected.", ["route", "model"],
+            registry=reg,
+        )
+        self.llm_tokens_undelivered = Counter(
+            PREFIX + "llm_tokens_undelivered",
+            "Output tokens generated that never reached the client.", ["route", "model"],
+            registry=reg,
+        )
+        self.llm_generation_after_disconnect = Histogram(
+            PREFIX + "llm_generation_after_disconnect_seconds",
+            "Time generation went on after the client disconnected.", ["route", "model"],
+            buckets=WORK_AFTER_BUCKETS, registry=reg,
+        )
+        self.db_transactions_interrupted = Counter(
+            PREFIX + "db_transactions_interrupted",
+            "Database transactions open when the client of their request disconnected.",
+            ["route", "state"], registry=reg,
+        )
+        self.db_connections_left_open = Counter(
+            PREFIX + "db_connections_left_open",
+            "Connections still checked out or in a transaction when a disconnected request ended.",
+            ["route", "state"], registry=reg,
+        )
+        self.db_checkins = Counter(
+            PREFIX + "db_checkins", "Pool check-ins by outcome.", ["outcome"], registry=reg,
+        )
+        self.internal_errors = Counter(
+            PREFIX + "internal_errors",
+            "Errors inside otel-disconnect; the app was not affected.", ["where"], registry=reg,
+        )
+        self.inflight_connected = self.inflight.labels("connected")
+        self.inflight_disconnected = self.inflight.labels("disconnected")
+        self._requests_children: dict[tuple[str, str], Any] = {}
+        self._models: set[str] = set()
+        self._lock = threading.Lock()
+
+    def count_request(self, route: str, method: str) -> None:
+        key = (route, method)
+        child = self._requests_children.get(key)
+        if child is None:
+            child = self._requests_children[key] = self.requests.labels(route, method)
+        child.inc()
+
+    def model_label(self, model: str | None) -> str:
+        """Cap model label values at MAX_MODELS per process; later ones become ``other``."""
+        if not model:
+            return "unknown"
+        if model in self._models:
+            return model
+        with self._lock:
+            if len(self._models) < MAX_MODELS:
+                self._models.add(model)
+                return model
+        return OTHER_MODEL
+
+
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
+_create_lock = threading.Lock()
+
+
+def metrics_for(registry: CollectorRegistry | None = None) -> Metrics:
+    """The Metrics bound to ``registry`` (the global REGISTRY when None), created once."""
+    reg = REGISTRY if registry is None else registry
+    found = _by_registry.get(reg)
+    if found is not None:
+        return found
+    with _create_lock:
+        found = _by_registry.get(reg)
+        if found is None:
+            found = _by_registry[reg] = Metrics(reg)
+        return found
+
+
+def multiprocess_mode() -> bool:
+    return _multiprocess()

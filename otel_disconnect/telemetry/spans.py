@@ -1,0 +1,47 @@
+"""Span attribute and event names of SPEC section 5, and writing them onto the server span."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+DETECTED = "disconnect.detected"
+PHASE = "disconnect.phase"
+DETECTED_BY = "disconnect.detected_by"
+OFFSET_S = "disconnect.offset_s"
+OUTCOME = "disconnect.outcome"
+WORK_AFTER_S = "disconnect.work_after_s"
+SENDS_DROPPED = "disconnect.sends_dropped"
+BYTES_DROPPED = "disconnect.bytes_dropped"
+PROTECTED_SECTION = "disconnect.protected_section"
+STREAM_END = "disconnect.stream_end"
+RETRY_OF_DISCONNECTED = "disconnect.retry_of_disconnected"
+OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+TOKENS_AFTER = "disconnect.tokens_after"
+TOKENS_UNDELIVERED = "disconnect.tokens_undelivered"
+TOKENS_ESTIMATED = "disconnect.tokens_estimated"
+DB_TRANSACTION_STATE = "disconnect.db.transaction_state"
+DB_TRANSACTION_AGE_S = "disconnect.db.transaction_age_s"
+DB_LEFT_OPEN = "disconnect.db.left_open"
+DB_BACKEND_PIDS = "disconnect.db.backend_pids"
+
+EVENT_CLIENT_DISCONNECT = "client.disconnect"
+EVENT_DB_TRANSACTION_INTERRUPTED = "db.transaction.interrupted"
+
+
+def recording(span: Any) -> bool:
+    """True for a span that still takes attributes (not ended, not a no-op span)."""
+    try:
+        return span is not None and bool(span.is_recording())
+    except Exception:
+        return False
+
+
+def set_attributes(span: Any, attributes: Mapping[str, Any]) -> None:
+    if attributes and recording(span):
+        span.set_attributes(dict(attributes))
+
+
+def add_event(span: Any, name: str, attributes: Mapping[str, Any], timestamp_ns: int) -> None:
+    if recording(span):
+        span.add_event(name, dict(attributes), timestamp=timestamp_ns)

@@ -1,0 +1,121 @@
+"""The sample apps the server tests run: every way an ASGI app meets a disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from otel_disconnect import RequestState, client_state, current, instrument_app
+
+
+class Signals:
+    """Thread-safe flags the handlers raise so the test thread knows where the request is."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.values: dict[str, Any] = {}
+
+    def event(self, name: str) -> threading.Event:
+        with self.lock:
+            return self.events.setdefault(name, threading.Event())
+
+    def set(self, name: str, value: Any = True) -> None:
+        self.values[name] = value
+        self.event(name).set()
+
+    def wait(self, name: str, timeout: float = 10.0) -> Any:
+        assert self.event(name).wait(timeout), f"handler never reached {name!r}"
+        return self.values.get(name)
+
+
+class AddHeader(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["x-base-http"] = "1"
+        return response
+
+
+def build_app(
+    signals: Signals,
+    *,
+    instrument: bool = True,
+    base_http: str | None = None,
+    **options: Any,
+) -> FastAPI:
+    """``base_http``: None, "inner" (BaseHTTPMiddleware inside ours) or "outer" (outside it)."""
+    app = FastAPI()
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        return {"hello": "world"}
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    @app.get("/slow")
+    async def slow(state: RequestState = Depends(client_state)) -> dict[str, Any]:
+        # Never calls receive(): only the middleware's read-ahead can see the client leave.
+        signals.set("slow.started")
+        try:
+            await asyncio.wait_for(state.wait_disconnected(), timeout=10)
+        except asyncio.TimeoutError:
+            return {"disconnected": False}
+        signals.set("slow.saw_disconnect", current() is state)
+        await asyncio.sleep(0.05)  # work after the disconnect
+        return {"disconnected": True}
+
+    @app.get("/sleep")
+    async def sleep(seconds: float = 0.3) -> dict[str, float]:
+        signals.set("sleep.started")
+        await asyncio.sleep(seconds)
+        return {"slept": seconds}
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        signals.set("upload.started")
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            signals.set("upload.bytes", size)
+        return {"size": size}
+
+    @app.get("/stream")
+    async def stream(chunks: int = 200, interval: float = 0.02) -> StreamingResponse:
+        async def body() -> Any:
+            for i in range(chunks):
+                signals.set("stream.sent", i + 1)
+                yield f"chunk {i}\n".encode()
+                await asyncio.sleep(interval)
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+    @app.get("/sse")
+    async def sse(chunks: int = 200, interval: float = 0.02) -> Any:
+        from sse_starlette import EventSourceResponse
+
+        async def events() -> Any:
+            for i in range(chunks):
+                signals.set("sse.sent", i + 1)
+                yield {"data": f"event {i}"}
+                await asyncio.sleep(interval)
+
+        return EventSourceResponse(events(), ping=3600)
+
+    @app.get("/headers")
+    async def headers() -> JSONResponse:
+        return JSONResponse({"a": [1, 2, 3]}, headers={"x-custom": "yes"}, status_code=201)
+
+    if base_http == "inner":
+        app.add_middleware(AddHeader)
+    if instrument:
+        instrument_app(app, **options)
+    if base_http == "outer":
+        app.add_middleware(AddHeader)
+    return app
