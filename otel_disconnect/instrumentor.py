@@ -1,4 +1,4 @@
-"""``instrument_app()`` and ``DisconnectInstrumentor`` (the ``opentelemetry-instrument`` entry point).
+"""``instrument_app()`` and ``DisconnectInstrumentor`` (the opentelemetry-instrument entry point).
 
 The order that matters: the OpenTelemetry server middleware outermost (it owns the server span),
 then DisconnectMiddleware (so it sees the server's own ``receive``), then the app's middleware.
@@ -41,7 +41,7 @@ def _insert_middleware(app: Any, options: dict[str, Any]) -> None:
     for i, entry in enumerate(stack):
         if _is_otel_middleware(entry.cls):
             index = i + 1
-    stack.insert(index, Middleware(DisconnectMiddleware, **options))
+    stack.insert(index, Middleware(DisconnectMiddleware, **options))  # type: ignore[arg-type]
 
 
 def _has_server_span_middleware(app: Any) -> bool:
@@ -107,7 +107,9 @@ def instrument_app(
 
         wrapped: ASGIApp = DisconnectMiddleware(app, **options)
         if not _is_otel_middleware(type(app)):
-            wrapped = OpenTelemetryMiddleware(wrapped, tracer_provider=options.get("tracer_provider"))
+            wrapped = OpenTelemetryMiddleware(
+                wrapped, tracer_provider=options.get("tracer_provider")
+            )
         return wrapped
     if getattr(app, "middleware_stack", None) is not None:
         raise RuntimeError(
@@ -153,9 +155,16 @@ class DisconnectInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         options = {
             k: v
             for k, v in kwargs.items()
-            if k in ("registry", "tracer_provider", "cancel_on_disconnect",
-                     "raise_on_send_after_disconnect", "excluded_urls", "count_tokens",
-                     "retry_window_s")
+            if k
+            in (
+                "registry",
+                "tracer_provider",
+                "cancel_on_disconnect",
+                "raise_on_send_after_disconnect",
+                "excluded_urls",
+                "count_tokens",
+                "retry_window_s",
+            )
         }
         DisconnectMiddleware(_noop_app, **options)  # fail at start-up on a bad option
         original = Starlette.build_middleware_stack
@@ -169,7 +178,9 @@ class DisconnectInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                     _insert_middleware(self, options)
                     setattr(self, _MARK, True)
             except Exception:
-                logger.exception("otel-disconnect could not instrument %r; serving it unchanged", self)
+                logger.exception(
+                    "otel-disconnect could not instrument %r; serving it unchanged", self
+                )
             return original(self)
 
         Starlette.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]

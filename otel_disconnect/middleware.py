@@ -56,7 +56,16 @@ class DisconnectMiddleware:
 class _Cycle:
     """One request: the wrapped receive and send, the read-ahead, the state."""
 
-    __slots__ = ("app", "config", "pump", "recorder", "scope", "send_downstream", "state", "trailers")
+    __slots__ = (
+        "app",
+        "config",
+        "pump",
+        "recorder",
+        "scope",
+        "send_downstream",
+        "state",
+        "trailers",
+    )
 
     def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send):
         self.app = mw.app

@@ -93,9 +93,11 @@ class RequestState:
         """The request's phase now, or the phase it was in when the client left."""
         if self._phase_at_disconnect is not None:
             return self._phase_at_disconnect
-        if not self.body_complete:
+        if self.response_started:
+            return PHASE_STREAMING
+        if not self.body_complete and _declares_body(self.scope):
             return PHASE_REQUEST_BODY
-        return PHASE_STREAMING if self.response_started else PHASE_BEFORE_RESPONSE
+        return PHASE_BEFORE_RESPONSE
 
     @property
     def detected_by(self) -> str | None:
@@ -165,6 +167,17 @@ class RequestState:
         if found is None:
             found = self.extras[key] = factory()
         return found
+
+
+def _declares_body(scope: Scope) -> bool:
+    """Whether the request has a body still to arrive (a GET usually has none to wait for)."""
+    for name, value in scope.get("headers") or ():
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            return True
+        if lname == b"content-length":
+            return value.strip() not in (b"0", b"")
+    return False
 
 
 _current: ContextVar[RequestState | None] = ContextVar("otel_disconnect_request", default=None)

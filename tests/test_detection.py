@@ -26,7 +26,10 @@ def _span(telemetry: Telemetry, route: str) -> Any:
 def _disconnects(telemetry: Telemetry, route: str, method: str, phase: str, outcome: str) -> float:
     return telemetry.value(
         "otel_disconnect_client_disconnects_total",
-        route=route, method=method, phase=phase, outcome=outcome,
+        route=route,
+        method=method,
+        phase=phase,
+        outcome=outcome,
     )
 
 
@@ -69,9 +72,14 @@ def test_get_that_never_reads_its_body(
     assert span.status.is_unset  # a client hang-up is not a server error
     assert _disconnects(telemetry, "/slow", "GET", "before_response", "completed") == 1
     assert telemetry.value("otel_disconnect_client_wait_seconds_count", route="/slow") == 1
-    assert telemetry.value(
-        "otel_disconnect_work_after_disconnect_seconds_count", route="/slow", outcome="completed"
-    ) == 1
+    assert (
+        telemetry.value(
+            "otel_disconnect_work_after_disconnect_seconds_count",
+            route="/slow",
+            outcome="completed",
+        )
+        == 1
+    )
     assert telemetry.value("otel_disconnect_inflight_requests", client="disconnected") == 0
     assert telemetry.value("otel_disconnect_inflight_requests", client="connected") == 0
 
@@ -145,7 +153,9 @@ def test_disconnect_after_response_is_not_counted(server_kind: str, telemetry: T
         assert "disconnect.detected" not in span.attributes
     assert telemetry.value("otel_disconnect_client_disconnects_total") == 0
     samples = [
-        s for m in telemetry.registry.collect() if m.name == "otel_disconnect_client_disconnects"
+        s
+        for m in telemetry.registry.collect()
+        if m.name == "otel_disconnect_client_disconnects"
         for s in m.samples
     ]
     assert samples == []
