@@ -30,6 +30,16 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+def advertises_asgi_24_without_raising(kind: str) -> bool:
+    """uvicorn 0.28.1-0.32.x claims ASGI spec 2.4 but drops send() after a disconnect silently."""
+    if not kind.startswith("uvicorn"):
+        return False
+    import uvicorn
+
+    major, minor, *_ = (int(p) for p in uvicorn.__version__.split(".")[:2])
+    return (major, minor) < (0, 33)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
