@@ -37,9 +37,21 @@ class Instrumented:
         }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.proc = subprocess.Popen(
-            [str(BIN / "opentelemetry-instrument"), str(BIN / "uvicorn"), target,
-             "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                str(BIN / "opentelemetry-instrument"),
+                str(BIN / "uvicorn"),
+                target,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.output: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -113,8 +125,7 @@ CASES = [
     pytest.param(("tests.sample.fastapi_app:app", {}), id="fastapi"),
     pytest.param(("tests.sample.starlette_app:app", {}), id="starlette-with-otel-starlette"),
     pytest.param(
-        ("tests.sample.starlette_app:app",
-         {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "starlette"}),
+        ("tests.sample.starlette_app:app", {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "starlette"}),
         id="starlette-without-otel-starlette",
     ),
 ]
@@ -124,15 +135,29 @@ CASES = [
 def test_unchanged_app_gets_disconnect_attributes(instrumented: Instrumented) -> None:
     with RawClient(instrumented.port) as client:
         client.request("GET", "/slow")
-        wait_for(lambda: instrumented.sample(
-            "otel_disconnect_inflight_requests", client="connected") == 1)
-    wait_for(lambda: instrumented.sample(
-        "otel_disconnect_client_disconnects_total", route="/slow", method="GET",
-        phase="before_response", outcome="completed") == 1, timeout=15)
+        wait_for(
+            lambda: (
+                instrumented.sample("otel_disconnect_inflight_requests", client="connected") == 1
+            )
+        )
+    wait_for(
+        lambda: (
+            instrumented.sample(
+                "otel_disconnect_client_disconnects_total",
+                route="/slow",
+                method="GET",
+                phase="before_response",
+                outcome="completed",
+            )
+            == 1
+        ),
+        timeout=15,
+    )
 
     def server_spans() -> list[dict[str, Any]]:
         return [
-            s for s in instrumented.spans()
+            s
+            for s in instrumented.spans()
             if s.get("kind") == "SpanKind.SERVER" and "/slow" in s.get("name", "")
         ]
 

@@ -24,10 +24,12 @@ PYENV = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
 COMBINATIONS = {
     # name: (python, pins)
     "py310-uvicorn0.40-starlette0.50-fastapi0.128": (
-        "3.10", ["uvicorn[standard]==0.40.0", "starlette==0.50.0", "fastapi==0.128.0"],
+        "3.10",
+        ["uvicorn[standard]==0.40.0", "starlette==0.50.0", "fastapi==0.128.0"],
     ),
     "py311-uvicorn0.32-starlette0.50": (
-        "3.11", ["uvicorn[standard]==0.32.0", "starlette==0.50.0", "fastapi==0.128.0"],
+        "3.11",
+        ["uvicorn[standard]==0.32.0", "starlette==0.50.0", "fastapi==0.128.0"],
     ),
     "py313-newest": ("3.13", []),
 }
@@ -51,8 +53,14 @@ def _venv(name: str, python: str, pins: list[str]) -> Path:
         return venv
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([python, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-           "--disable-pip-version-check"]
+    pip = [
+        str(venv / "bin" / "python"),
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+    ]
     subprocess.run([*pip, "--upgrade", "pip"], check=True, capture_output=True)
     result = subprocess.run([*pip, "-e", f"{ROOT}[dev]", *pins], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -71,20 +79,38 @@ def test_detection_suite_on_supported_versions(name: str) -> None:
     venv = _venv(name, python, pins)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     result = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pytest", "-m", "matrix", "-q", "-p",
-         "no:cacheprovider", "-x"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pytest",
+            "-m",
+            "matrix",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-x",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     versions = subprocess.run(
-        [str(venv / "bin" / "python"), "-c",
-         "import sys, uvicorn, starlette, fastapi; "
-         "print(sys.version.split()[0], uvicorn.__version__, starlette.__version__, "
-         "fastapi.__version__)"],
-        capture_output=True, text=True, check=True,
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import sys, uvicorn, starlette, fastapi; "
+            "print(sys.version.split()[0], uvicorn.__version__, starlette.__version__, "
+            "fastapi.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     tail = result.stdout[-4000:] + result.stderr[-2000:]
     assert result.returncode == 0, f"{name} ({versions}):\n{tail}"
     assert " passed" in result.stdout and "failed" not in result.stdout, tail
     for pin in pins:
-        package, version_pin = pin.split("==")
+        _package, version_pin = pin.split("==")
         assert version_pin in versions, (pin, versions)
