@@ -25,12 +25,15 @@ class RequestState:
     """What one HTTP request has done so far. Read-only to the app (see ``current()``)."""
 
     __slots__ = (
+        "_cancel",
+        "_cancel_deferred",
         "_detected_by",
         "_disconnected_at",
         "_event",
         "_listeners",
         "_outcome",
         "_phase_at_disconnect",
+        "_protected",
         "body_complete",
         "bytes_dropped",
         "detected_perf",
@@ -75,6 +78,9 @@ class RequestState:
         self._phase_at_disconnect: str | None = None
         self._event: asyncio.Event | None = None
         self._listeners: list[DisconnectListener] | None = None
+        self._protected: list[str] | None = None
+        self._cancel: Callable[[], None] | None = None
+        self._cancel_deferred = False
 
     # -- read by apps ---------------------------------------------------------------------------
 
@@ -135,12 +141,48 @@ class RequestState:
         if self._disconnected_at is not None or self.response_complete:
             return False
         self._phase_at_disconnect = self.phase
+        if self._protected:
+            self.protected_section = self._protected[-1]
         self.detected_perf = time.perf_counter()
         self._disconnected_at = time.time()
         self._detected_by = detected_by
         if self._event is not None:
             self._event.set()
         return True
+
+    # -- cancellation (cancel_on_disconnect, protect()) -----------------------------------------
+
+    def arm_cancel(self, cancel: Callable[[], None]) -> None:
+        """The middleware hands over how to cancel this request's work."""
+        self._cancel = cancel
+
+    def request_cancel(self) -> None:
+        """Cancel now, or when the outermost ``protect()`` block exits."""
+        if self._cancel is None:
+            return
+        if self._protected:
+            self._cancel_deferred = True
+        else:
+            self._cancel()
+
+    def enter_protected(self, name: str) -> None:
+        if self._protected is None:
+            self._protected = []
+        self._protected.append(name)
+
+    def exit_protected(self) -> bool:
+        """Leave a protect() block; True when a deferred cancellation was released."""
+        if self._protected:
+            self._protected.pop()
+        if not self._protected and self._cancel_deferred and self._cancel is not None:
+            self._cancel_deferred = False
+            self._cancel()
+            return True
+        return False
+
+    @property
+    def active_protected_section(self) -> str | None:
+        return self._protected[-1] if self._protected else None
 
     def set_outcome(self, outcome: str) -> None:
         if self._outcome is None:

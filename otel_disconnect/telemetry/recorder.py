@@ -76,8 +76,6 @@ class Recorder:
                 attrs[spans.PROTECTED_SECTION] = state.protected_section
         if state.stream_end is not None:
             attrs[spans.STREAM_END] = state.stream_end
-        if state.retry_of_disconnected:
-            attrs[spans.RETRY_OF_DISCONNECTED] = True
         if state.extras:
             for extra in list(state.extras.values()):
                 hook = getattr(extra, "span_attributes", None)
