@@ -22,7 +22,7 @@ PANELS = (
           "client is gone.", "short",
           (Target(f"sum(otel_disconnect_pg_orphaned_transactions{{{D}}})", "orphans"),),
           "pg", kind="stat", width=6, height=4, red_above=1),
-    Panel("Longest idle in transaction", "now − state_change of the longest idle-in-transaction "
+    Panel("Longest idle in transaction", "now - state_change of the longest idle-in-transaction "
           "backend.", "s",
           (Target(f"max(otel_disconnect_pg_idle_in_transaction_max_seconds{{{D}}})", "max"),),
           "pg", kind="stat", width=6, height=4, red_above=300),
@@ -48,14 +48,14 @@ PANELS = (
           (Target(f"sum by (application_name) "
                   f"(otel_disconnect_pg_backends{{{D}, {IDLE_IN_TX}}})", "{{application_name}}"),),
           "pg"),
-    Panel("Idle in transaction: age by application", "now − state_change of the longest "
+    Panel("Idle in transaction: age by application", "now - state_change of the longest "
           "idle-in-transaction backend per application_name. The session timeout, when set, "
           "caps it.", "s",
           (Target(f"max by (application_name) "
                   f"(otel_disconnect_pg_idle_in_transaction_max_seconds{{{D}}})",
                   "{{application_name}}"),),
           "pg", red_above=300),
-    Panel("Oldest transaction by state", "now − xact_start of the oldest transaction per "
+    Panel("Oldest transaction by state", "now - xact_start of the oldest transaction per "
           "application and backend state.", "s",
           (Target(f"max by (application_name, state) "
                   f"(otel_disconnect_pg_transaction_max_age_seconds{{{D}}})",

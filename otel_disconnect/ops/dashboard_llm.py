@@ -21,7 +21,7 @@ def _sum(metric: str, by: str = "") -> str:
 WASTE_SHARE = f"{_sum(AFTER)} / clamp_min({_sum(TOKENS)}, 1e-9)"
 WASTED_WATTS = f"sum({POWER}) * ({WASTE_SHARE})"
 ESTIMATE = (
-    "Estimate: GPU power × (tokens generated after disconnect ÷ all tokens generated), i.e. "
+    "Estimate: GPU power * (tokens generated after disconnect ÷ all tokens generated), i.e. "
     "the power attributed to abandoned generations in proportion to their share of output "
     "tokens. It assumes the GPUs reported by DCGM serve only these models and that every "
     "output token costs the same; prompt processing and idle power are attributed the same way."

@@ -20,7 +20,7 @@ def _quantiles(metric: str, by: str) -> tuple[Target, ...]:
         Target(
             f"histogram_quantile({q}, sum by ({by}, le) "
             f"(rate({metric}_bucket{{{R}}}[$__rate_interval])))",
-            f"p{round(q * 100)} {{{{{by.split(',')[0]}}}}}",
+            f"p{round(q * 100)} {{{{{by.split(',', maxsplit=1)[0]}}}}}",
         )
         for q in (0.5, 0.9, 0.99)
     )
@@ -85,7 +85,7 @@ PANELS = (
         "app",
     ),
     Panel(
-        "Disconnects in the 5–10 s band", "Share of disconnects whose client waited more than "
+        "Disconnects in the 5-10 s band", "Share of disconnects whose client waited more than "
         "5 s and at most 10 s: close to 100 % when clients use a 10 s timeout. Compare with the "
         "server timeout (often 30 s): the gap is work done for nobody.", "percentunit",
         (Target(

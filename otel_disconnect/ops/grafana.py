@@ -103,7 +103,9 @@ class Dashboard:
             "refresh": "30s",
             "schemaVersion": SCHEMA_VERSION,
             "tags": TAGS,
-            "templating": {"list": [_datasource_variable(), *(v.to_json() for v in self.variables)]},
+            "templating": {
+                "list": [_datasource_variable(), *(v.to_json() for v in self.variables)],
+            },
             "time": {"from": "now-1h", "to": "now"},
             "timepicker": {},
             "timezone": "browser",
@@ -136,7 +138,8 @@ def _layout(panels: tuple[Panel, ...]) -> list[dict[str, Any]]:
     for number, panel in enumerate(panels, start=1):
         if x + panel.width > 24:
             x, y, row_height = 0, y + row_height, 0
-        out.append(_panel_json(panel, number, {"h": panel.height, "w": panel.width, "x": x, "y": y}))
+        grid = {"h": panel.height, "w": panel.width, "x": x, "y": y}
+        out.append(_panel_json(panel, number, grid))
         x += panel.width
         row_height = max(row_height, panel.height)
     return out

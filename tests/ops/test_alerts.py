@@ -31,8 +31,8 @@ def rules() -> list[dict[str, Any]]:
 
 def test_promtool_check_rules() -> None:
     promtool = require_binary("promtool")
-    done = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run([promtool, "check", "rules", str(RULES)], check=False,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(ALERTS)} rules found" in done.stdout
 
@@ -40,15 +40,15 @@ def test_promtool_check_rules() -> None:
 def test_promtool_test_rules() -> None:
     promtool = require_binary("promtool")
     assert TESTS
-    done = subprocess.run([promtool, "test", "rules", *map(str, TESTS)], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT)
+    done = subprocess.run([promtool, "test", "rules", *map(str, TESTS)], check=False,
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout and "FAILED" not in done.stdout
 
 
 def test_every_required_alert_is_there_with_severity_and_annotations() -> None:
     found = {r["alert"]: r for r in rules()}
-    assert REQUIRED <= set(found)
+    assert set(found) >= REQUIRED
     for name, rule in found.items():
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
         notes = rule["annotations"]

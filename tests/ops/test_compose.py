@@ -50,7 +50,7 @@ def assert_target(target: str, what: str) -> None:
 
 
 def test_every_service_the_spec_lists() -> None:
-    assert REQUIRED_SERVICES <= set(services())
+    assert set(services()) >= REQUIRED_SERVICES
     assert services()["vllm"]["profiles"] == ["vllm"]
     assert "otel_disconnect.DisconnectMiddleware" in services()["vllm"]["command"]
     gpu = services()["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]
@@ -97,7 +97,7 @@ def test_promtool_check_config_with_the_rules_mounted_as_in_compose(tmp_path: Pa
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(host, dest)
     done = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
-                          capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "otel-disconnect.rules.yml" in output and "SUCCESS: 1 rule files found" in output
@@ -116,7 +116,7 @@ def test_alertmanager_config_routes_to_the_webhook_service() -> None:
     if amtool is not None:  # shipped with Debian's prometheus-alertmanager
         done = subprocess.run([amtool, "check-config",
                                str(ROOT / "deploy/alertmanager/alertmanager.yml")],
-                              capture_output=True, text=True, timeout=60)
+                              check=False, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
 
 

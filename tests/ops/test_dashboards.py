@@ -64,7 +64,7 @@ def test_every_range_is_rate_interval(name: str) -> None:
         ranges = re.findall(r"\[([^\]]*)\]", expr)
         for window in ranges:
             # A subquery over the dashboard range is the one exception (energy over the range).
-            assert window == "$__rate_interval" or window == "$__range:$__interval", (expr, window)
+            assert window in ("$__rate_interval", "$__range:$__interval"), (expr, window)
         calls = len(re.findall(r"\b(rate|irate|increase)\(", expr))
         assert calls <= expr.count("[$__rate_interval]"), expr
 

@@ -191,7 +191,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         llm_port = stack.enter_context(llm_simulator(workdir))
         alertmanager = start_alertmanager(alertmanager_bin, workdir, am_config)
         stack.callback(alertmanager.stop)
-        scrape = [{"job_name": "app", "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}]}]
+        scrape = [{"job_name": "app",
+                   "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}]}]
         if llm_port is not None:
             scrape.append({"job_name": "llm-sim",
                            "static_configs": [{"targets": [f"127.0.0.1:{llm_port}"]}]})

@@ -50,6 +50,7 @@ def test_yaml_writer_round_trips(document: dict[str, object]) -> None:
 
 
 def test_for_override_changes_only_for() -> None:
-    shipped, short = rules_document()["groups"][0]["rules"], rules_document("2s")["groups"][0]["rules"]
+    shipped = rules_document()["groups"][0]["rules"]
+    short = rules_document("2s")["groups"][0]["rules"]
     assert [r["for"] for r in short] == ["2s"] * len(shipped)
     assert [{**r, "for": None} for r in short] == [{**r, "for": None} for r in shipped]
