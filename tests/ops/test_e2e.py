@@ -42,12 +42,10 @@ LLM_SIM = "otel_disconnect.llm_sim"
 
 # The sources this test feeds. "llm" needs the LLM simulator (built in parallel): while its
 # module does not exist the llm panels and the waste alert are listed as not wired, explicitly.
-WIRED_SOURCES = {"app", "llm"}
+WIRED_SOURCES = {"app", "llm", "retry"}
 NOT_WIRED_REASON = {
     "llm": f"{LLM_SIM} is not built yet",
     "pg": "the PostgreSQL collector and database hooks are not wired into this test yet",
-    "retry": "retry-after-disconnect detection is not built yet: nothing increments "
-             "otel_disconnect_retries_after_disconnect_total",
 }
 
 
