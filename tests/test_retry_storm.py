@@ -5,7 +5,6 @@ at a third of that (0.3 s) and retry the same request twice."""
 
 from __future__ import annotations
 
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,7 +28,7 @@ def _impatient_client(port: int, client_id: int) -> None:
             try:
                 client.read_until(b'{"size":', timeout=CLIENT_TIMEOUT_S)
                 return
-            except (AssertionError, socket.timeout):
+            except (TimeoutError, AssertionError):
                 continue  # timed out: hang up and retry
 
 
