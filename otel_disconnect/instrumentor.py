@@ -86,10 +86,10 @@ def instrument_app(
     """
     engines = list(engines)
     if engines:
-        from .db.engine import instrument_engine  # type: ignore[import-not-found,unused-ignore]
+        from .db.engine import instrument_engine
 
         for engine in engines:
-            instrument_engine(engine)
+            instrument_engine(engine, registry=options.get("registry"))
     if getattr(app, _MARK, False):
         return app
     if metrics_path:

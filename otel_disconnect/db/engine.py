@@ -158,10 +158,10 @@ class DbRequest:
             attributes[spans.DB_TRANSACTION_AGE_S] = self.interrupted_age
         if self.pids:
             attributes[spans.DB_BACKEND_PIDS] = list(self.pids)
-        if state.ended:
-            # Only known once the app task ended; otherwise record_end writes it if it can.
-            attributes[spans.DB_LEFT_OPEN] = len(self.left_open())
-            self.left_open_written = True
+        # Exact once the app task ended. Written earlier only when the span ends first (the
+        # final body was sent after the disconnect): then it counts what is held at that send.
+        attributes[spans.DB_LEFT_OPEN] = len(self.left_open())
+        self.left_open_written = state.ended
         return attributes
 
     def record_end(self, state: RequestState, metrics: Metrics, route: str) -> None:
@@ -171,6 +171,7 @@ class DbRequest:
         for conn in left:
             metrics.db_connections_left_open.labels(route, conn.effective_state()).inc()
         if not self.left_open_written:
+            # Still recording only when the span outlives the final send; then correct it.
             spans.set_attributes(state.span, {spans.DB_LEFT_OPEN: len(left)})
             self.left_open_written = True
 

