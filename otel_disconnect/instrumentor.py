@@ -173,6 +173,12 @@ class DisconnectInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             return original(self)
 
         Starlette.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+        try:
+            from .db import auto
+
+            auto.install(options.get("registry"))  # SQLAlchemy engines created from now on
+        except ImportError:
+            pass  # SQLAlchemy is optional
 
     def _uninstrument(self, **kwargs: Any) -> None:
         from starlette.applications import Starlette
@@ -181,6 +187,12 @@ class DisconnectInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if original is not None:
             Starlette.build_middleware_stack = original  # type: ignore[method-assign]
             DisconnectInstrumentor._original_build = None
+        try:
+            from .db import auto
+
+            auto.uninstall()
+        except ImportError:
+            pass
 
 
 def _add_otel_middleware_raw(app: Any, tracer_provider: Any) -> None:
