@@ -15,7 +15,8 @@ def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "pg-exporter",
         help="export pg_stat_activity (idle in transaction, transaction ages) to Prometheus",
-        description="Serve the otel_disconnect_pg_* gauges over HTTP. The role needs only pg_monitor.",
+        description="Serve the otel_disconnect_pg_* gauges over HTTP. "
+                    "The role needs only pg_monitor.",
     )
     parser.add_argument(
         "--dsn", default=os.environ.get("OTEL_DISCONNECT_PG_DSN") or os.environ.get("DATABASE_URL"),
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         orphans=False,
     )
     server, thread = start_http_server(args.port, addr=args.host, registry=registry)
-    print(f"otel-disconnect pg-exporter: serving http://{args.host}:{args.port}/metrics", flush=True)
+    url = f"http://{args.host}:{args.port}/metrics"
+    print(f"otel-disconnect pg-exporter: serving {url}", flush=True)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

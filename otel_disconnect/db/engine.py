@@ -1,4 +1,4 @@
-"""``instrument_engine()``: SQLAlchemy events → the transaction state of each connection a request holds.
+"""``instrument_engine()``: SQLAlchemy events → transaction state per connection a request holds.
 
 Pool events follow a connection from check-out to check-in and decide the check-in outcome;
 connection events follow its transaction (begin, statement, commit, rollback). The request that
@@ -10,6 +10,7 @@ Every handler is fail-open: an error is counted and logged once, never raised in
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -92,7 +93,7 @@ class ConnState:
 class DbRequest:
     """The database side of one request (``state.extras[KEY]``), read by the recorder."""
 
-    __slots__ = ("held", "interrupted_state", "interrupted_age", "left_open_written", "pids")
+    __slots__ = ("held", "interrupted_age", "interrupted_state", "left_open_written", "pids")
 
     def __init__(self) -> None:
         self.held: list[ConnState] = []
@@ -108,10 +109,8 @@ class DbRequest:
             self.pids.append(pid)
 
     def remove(self, conn: ConnState) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self.held.remove(conn)
-        except ValueError:
-            pass
 
     # -- recorder hooks ------------------------------------------------------------------------
 
@@ -140,7 +139,9 @@ class DbRequest:
                 attributes[spans.DB_TRANSACTION_AGE_S] = age
             if conn.pid is not None:
                 attributes[spans.DB_BACKEND_PID] = conn.pid
-            spans.add_event(state.span, spans.EVENT_DB_TRANSACTION_INTERRUPTED, attributes, timestamp)
+            spans.add_event(
+                state.span, spans.EVENT_DB_TRANSACTION_INTERRUPTED, attributes, timestamp
+            )
             conn.metrics.db_transactions_interrupted.labels(route, current_state).inc()
         self.interrupted_state = worst
         self.interrupted_age = oldest
@@ -316,8 +317,7 @@ class EngineHooks:
         except Exception:
             internal_error("db_commit", self.registry)
 
-    def on_before_execute(self, connection: Any, cursor: Any, statement: Any, parameters: Any,
-                          context: Any, executemany: bool) -> None:
+    def on_before_execute(self, connection: Any, *args: Any) -> None:
         try:
             conn = _conn_state(connection)
             if conn is not None:
@@ -325,8 +325,7 @@ class EngineHooks:
         except Exception:
             internal_error("db_execute", self.registry)
 
-    def on_after_execute(self, connection: Any, cursor: Any, statement: Any, parameters: Any,
-                         context: Any, executemany: bool) -> None:
+    def on_after_execute(self, connection: Any, *args: Any) -> None:
         try:
             conn = _conn_state(connection)
             if conn is not None:

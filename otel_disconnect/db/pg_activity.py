@@ -13,6 +13,7 @@ added as a ``db.transaction.orphaned`` event to the request's span while that sp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -124,10 +125,8 @@ class PgActivityCollector:
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):
                 conn.close()
-            except Exception:
-                pass
 
     # -- prometheus_client collector protocol -------------------------------------------------
 
@@ -191,13 +190,14 @@ class PgActivityCollector:
         timeout = 0.0
         owned = checkouts.by_pid() if self.orphans else {}
         seen: set[tuple[int, int, str]] = set()
-        for datname, app, state, pid, since_change, xact_age, timeout_s in rows:
+        for datname, app_name, state_or_none, pid, since_change, xact_age, timeout_s in rows:
             timeout = timeout_s or 0.0
+            app = app_name
             if app not in apps:
                 if len(apps) >= MAX_APPLICATION_NAMES:
                     app = OTHER
                 apps.add(app)
-            state = state or "unknown"
+            state = state_or_none or "unknown"
             key = (datname, app, state)
             backends[key] = backends.get(key, 0) + 1
             pair = (datname, app)
@@ -211,8 +211,11 @@ class PgActivityCollector:
             owner_state = conn.owner if conn is not None else None
             if owner_state is None:
                 continue
-            owner = "ended" if owner_state.ended else "disconnected" if owner_state.disconnected else None
-            if owner is None:
+            if owner_state.ended:
+                owner = "ended"
+            elif owner_state.disconnected:
+                owner = "disconnected"
+            else:
                 continue
             okey = (datname, app, owner)
             orphaned[okey] = orphaned.get(okey, 0) + 1

@@ -118,5 +118,7 @@ def pg_table(pg_url: str) -> str:
 
 
 def rows_of(activity: Activity, app_name: str) -> int:
-    row = activity.conn.execute("SELECT count(*) FROM od_items WHERE app = %s", (app_name,)).fetchone()
+    row = activity.conn.execute(
+        "SELECT count(*) FROM od_items WHERE app = %s", (app_name,)
+    ).fetchone()
     return int(row[0]) if row else 0

@@ -142,7 +142,8 @@ def test_pg_exporter_command(pg: EmbeddedPostgres, sessions: list[Any]) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "otel_disconnect", "pg-exporter", "--dsn", pg.dsn,
          "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         def scrape() -> str | None:
