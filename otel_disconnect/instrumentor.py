@@ -83,10 +83,10 @@ def instrument_app(
     """
     engines = list(engines)
     if engines:
-        from .db.engine import instrument_engine  # type: ignore[import-not-found,unused-ignore]
+        from .db.engine import instrument_engine
 
         for engine in engines:
-            instrument_engine(engine)
+            instrument_engine(engine, registry=options.get("registry"))
     if getattr(app, _MARK, False):
         return app
     options = _exclude_metrics_path(options, metrics_path)
@@ -173,11 +173,23 @@ class DisconnectInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             original = cls.__dict__["build_middleware_stack"]
             DisconnectInstrumentor._originals[cls] = original
             cls.build_middleware_stack = _patched_build(original, options, metrics_path)
+        try:
+            from .db import auto
+
+            auto.install(options.get("registry"))  # SQLAlchemy engines created from now on
+        except ImportError:
+            pass  # SQLAlchemy is optional
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for cls, original in DisconnectInstrumentor._originals.items():
             cls.build_middleware_stack = original
         DisconnectInstrumentor._originals.clear()
+        try:
+            from .db import auto
+
+            auto.uninstall()
+        except ImportError:
+            pass
 
 
 _OPTION_NAMES = frozenset(
