@@ -87,7 +87,7 @@ class EmbeddedPostgres:
     def dsn(self) -> str:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
 
-    def _run(self, *args: str, timeout: float = 60) -> None:
+    def _run(self, *args: str | Path, timeout: float = 60) -> None:
         try:
             result = subprocess.run(
                 [str(a) for a in args], user=self.user, capture_output=True, text=True,
