@@ -20,6 +20,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+
 from .. import PgActivityCollector, guard_stream, instrument_app, protect
 
 MODEL = "sim-model"
@@ -38,6 +40,19 @@ CHARGE = (
     " ON CONFLICT (user_id) DO UPDATE SET tokens_used = demo_quota.tokens_used + :tokens,"
     " requests = demo_quota.requests + 1"
 )
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str = MODEL
+    messages: list[Message]
+    stream: bool = False
+    max_tokens: int | None = None
+    user: str = "anonymous"
 
 
 @dataclass(frozen=True)
@@ -87,7 +102,6 @@ def create_app(config: GatewayConfig, *, registry: Any = None, tracer_provider: 
     import httpx
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
@@ -114,17 +128,6 @@ def create_app(config: GatewayConfig, *, registry: Any = None, tracer_provider: 
                 state["collector"].close()
 
     app = FastAPI(title="otel-disconnect demo chat gateway", lifespan=lifespan)
-
-    class Message(BaseModel):
-        role: str
-        content: str
-
-    class ChatRequest(BaseModel):
-        model: str = MODEL
-        messages: list[Message]
-        stream: bool = False
-        max_tokens: int | None = None
-        user: str = "anonymous"
 
     def upstream(chat: ChatRequest) -> Any:
         body = {"model": chat.model, "messages": [m.model_dump() for m in chat.messages],
@@ -180,6 +183,8 @@ def create_app(config: GatewayConfig, *, registry: Any = None, tracer_provider: 
                     async for line in response.aiter_lines():
                         if line:
                             queue.put_nowait(line)
+            except httpx.HTTPError:
+                pass  # the upstream went away: the stream ends short
             finally:
                 queue.put_nowait(None)
 

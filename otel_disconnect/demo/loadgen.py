@@ -33,13 +33,13 @@ TOKENS_PER_SECOND = 40.0  # the simulator's rate in the demo (runner.SIM_CONFIG)
 class LoadConfig:
     url: str
     readers: int = 6
-    timeouts: int = 4
+    timeouts: int = 6
     uploaders: int = 2
     quick: int = 2
     client_timeout_s: float = 10.0
     retries: int = 2
     # How much longer than the client's timeout the server needs for a slow answer.
-    slowness: float = 1.3
+    slowness: float = 2.0
     tokens_per_second: float = TOKENS_PER_SECOND
     seed: int | None = None
 
@@ -191,6 +191,8 @@ class LoadGenerator:
         give_up_at = self.random.uniform(0.2, 0.8) * len(body)
         try:
             while sent < give_up_at:  # a slow uplink
+                if conn.writer.is_closing() or conn.reader.at_eof():
+                    return  # the server answered (an error) and hung up first
                 await conn.send(body[sent:sent + 2048])
                 sent += 2048
                 await asyncio.sleep(0.05)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import socket
 import threading
 import time
@@ -19,6 +20,8 @@ class PortInUse(OSError):
 def check_port(host: str, port: int) -> None:
     """Fail now, with a clear message, rather than inside uvicorn's start-up."""
     with socket.socket() as s:
+        # As the server will: connections of an earlier run in TIME_WAIT do not make it busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
@@ -80,6 +83,8 @@ class Server:
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
+        # Requests still running (zombies, above all) are cancelled at shutdown, on purpose.
+        logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
         self.server.should_exit = True
         self._thread.join(timeout)
         with contextlib.suppress(OSError):

@@ -128,7 +128,6 @@ class Run:
             ("LLM tokens after disconnect", f.tokens_after, "d"),
             ("transactions interrupted", f.transactions_interrupted, "d"),
             ("connections left open", f.connections_left_open, "d"),
-            ("retries of disconnected requests", f.retries, "d"),
             ("peak idle-in-transaction backends", self.peak("idle_in_transaction"), "d"),
             ("peak orphaned transactions", self.peak("orphaned"), "d"),
             ("zombie requests still running", f.zombies, "d"),
