@@ -156,9 +156,22 @@ def create_app(config: GatewayConfig, *, registry: Any = None, tracer_provider: 
                            {"user": chat.user, "role": "user", "content": prompt})
         return tx
 
-    async def complete(chat: ChatRequest) -> JSONResponse:
+    @asynccontextmanager
+    async def transaction(chat: ChatRequest) -> AsyncIterator[tuple[AsyncConnection, Any]]:
         async with engine.connect() as conn:
             tx = await begin(conn, chat)
+            try:
+                yield conn, tx
+            except BaseException:
+                if config.safe and tx.is_active:
+                    # A rollback that is itself cancelled half-way costs the connection; one
+                    # round trip, shielded, returns it to the pool clean.
+                    async with protect("rollback"):
+                        await tx.rollback()
+                raise
+
+    async def complete(chat: ChatRequest) -> JSONResponse:
+        async with transaction(chat) as (conn, tx):
             # The transaction stays open while the model answers: the common shape, and the
             # one that leaves backends idle in transaction for clients that are gone.
             pieces: list[str] = []
@@ -189,8 +202,7 @@ def create_app(config: GatewayConfig, *, registry: Any = None, tracer_provider: 
                 queue.put_nowait(None)
 
         async def events() -> AsyncIterator[str]:
-            async with engine.connect() as conn:
-                tx = await begin(conn, chat)
+            async with transaction(chat) as (conn, tx):
                 queue: asyncio.Queue[str | None] = asyncio.Queue()
                 producer["task"] = asyncio.create_task(produce(queue))
                 pieces: list[str] = []

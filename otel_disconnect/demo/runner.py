@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -127,13 +129,19 @@ class Demo:
             check_llm(self.options.llm_url)
             self.llm_url = self.options.llm_url
             return
-        from ..llm_sim import SimConfig, create_app
-        from .serving import Server
+        # Its own process: the simulator's token clock then does not compete with the
+        # gateway for this interpreter's lock (that delay would count as work after).
+        from .postgres import free_port
 
-        config = SimConfig(ttft=0.4, tokens_per_second=TOKENS_PER_SECOND, max_tokens=4000)
-        server = Server(create_app(config)).start()
-        self._stack.callback(server.stop)
-        self.llm_url = server.url
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "otel_disconnect.llm_sim", "--port", str(port), "--ttft",
+             "0.4", "--tokens-per-second", str(TOKENS_PER_SECOND), "--max-tokens", "4000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self._stack.callback(_stop_process, process)
+        self.llm_url = f"http://127.0.0.1:{port}"
+        _wait_listening(port, process)
         self.say(f"LLM simulator {self.llm_url} ({TOKENS_PER_SECOND:.0f} tokens/s per request)")
 
     def run_phase(self, name: str, safe: bool) -> Run:
@@ -180,6 +188,32 @@ class Demo:
         run.client_line = load.stats.line()
 
 
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if process.poll() is not None:
+            err = (process.stderr.read() if process.stderr else b"").decode(errors="replace")
+            last = err.strip().splitlines()[-1] if err.strip() else f"exit {process.returncode}"
+            raise DemoError(f"the LLM simulator did not start: {last}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"the LLM simulator did not listen on port {port} in {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def _terminate_backends(url: str, application_name: str) -> None:
     """A run's zombie transactions must not leak into the next run's figures."""
     from .app import libpq_url
@@ -205,6 +239,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> list[Run]:
     sys.setswitchinterval(0.0005)
     # The live view says it all; per-backend orphan warnings would scroll it away.
     logging.getLogger("otel_disconnect").setLevel(logging.ERROR)
+    # Clients writing to a connection the gateway already closed: expected here.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     with Demo(options, out) as demo:
         demo.start_database()
         demo.start_llm()
