@@ -12,7 +12,7 @@ from pathlib import Path
 from ..version import __version__
 from .stats import PHASES, Run, fmt, summary_text
 
-W, H = 560, 240
+W, H = 480, 230
 LEFT, RIGHT, TOP, BOTTOM = 56, 16, 28, 40
 PHASE_COLOURS = {"request_body": "#7c3aed", "before_response": "#ea580c", "streaming": "#2563eb"}
 RUN_COLOURS = {"baseline": "#dc2626", "cancel": "#16a34a"}
@@ -144,7 +144,7 @@ svg .title{font-size:13px;font-weight:600} svg .axis{font-size:10px;fill:#444}
 svg .plot{fill:#fafafa;stroke:#ccc} svg .grid{stroke:#e5e5e5}
 table{border-collapse:collapse;margin:8px 0 20px} td,th{padding:3px 12px;text-align:right}
 td:first-child,th:first-child{text-align:left} tr:nth-child(even){background:#f5f5f5}
-th{border-bottom:2px solid #333} .good{color:#15803d} .bad{color:#b91c1c}
+th{border-bottom:2px solid #333}
 """
 
 
@@ -158,8 +158,7 @@ def _table(runs: list[Run]) -> str:
         if len(runs) == 2:
             a, b = runs[0].rows()[i][1], runs[1].rows()[i][1]
             pct = "" if a == 0 else f"{(b - a) / a * 100:+.0f}%"
-            cls = "good" if b < a else "bad" if b > a else ""
-            cells += f'<td class="{cls}">{pct}</td>'
+            cells += f"<td>{pct}</td>"
         rows.append(f"<tr><td>{html.escape(label.strip())}</td>{cells}</tr>")
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
 
@@ -175,7 +174,7 @@ def render(runs: list[Run]) -> str:
 <body>
 <h1>otel-disconnect demo report</h1>
 <p class="sub">{len(runs)} run(s) of {runs[0].duration:.0f} s: {html.escape(what)}.
-Clients that hang up mid-stream, time out after {runs[0].client_timeout_s:g} s and retry,
+Clients that hang up mid-stream, time out after {runs[0].client_timeout_s:.0f} s and retry,
 or give up during upload. otel-disconnect {__version__}, {when}.</p>
 {_table(runs)}
 <div class="grid2">{cards}</div>

@@ -129,7 +129,6 @@ class Run:
             ("transactions interrupted", f.transactions_interrupted, "d"),
             ("connections left open", f.connections_left_open, "d"),
             ("peak idle-in-transaction backends", self.peak("idle_in_transaction"), "d"),
-            ("peak orphaned transactions", self.peak("orphaned"), "d"),
             ("zombie requests still running", f.zombies, "d"),
         ]
         return rows
