@@ -39,8 +39,8 @@ def register(subparsers: Any) -> None:
                         metavar="PATH", help="HTML report (default ./otel-disconnect-report.html)")
     parser.add_argument("--no-report", action="store_true", help="write no report")
     parser.add_argument("--client-timeout", type=float, default=None, metavar="SECONDS",
-                        help="the timing-out clients' timeout (default 10, at most a third of the "
-                             "duration)")
+                        help="the timing-out clients' timeout (default 10, at most a quarter "
+                             "of the duration)")
     parser.add_argument("--seed", type=int, default=None, help="random seed of the clients")
     parser.add_argument("--serve", action="store_true",
                         help="only serve the gateway (needs --database-url and --llm-url; the "

@@ -5,7 +5,8 @@
 - readers (streaming): most read a few chunks and close the tab; some give up before the first
   token; some read to the end.
 - timeouts (non-streaming, long answers): a 10 s client timeout against a server that needs
-  longer, then a retry with the same request, twice; the server keeps working for each one.
+  three times as long (its own timeout is 30 s), then a retry with the same request, twice;
+  the server keeps working for each one.
 - uploaders: a long prompt on a slow link, abandoned half-way through the request body.
 - quick: short answers read to the end.
 """
@@ -32,14 +33,14 @@ TOKENS_PER_SECOND = 40.0  # the simulator's rate in the demo (runner.SIM_CONFIG)
 @dataclass(frozen=True)
 class LoadConfig:
     url: str
-    readers: int = 6
-    timeouts: int = 6
+    readers: int = 5
+    timeouts: int = 8
     uploaders: int = 2
     quick: int = 2
     client_timeout_s: float = 10.0
     retries: int = 2
     # How much longer than the client's timeout the server needs for a slow answer.
-    slowness: float = 2.0
+    slowness: float = 3.0
     tokens_per_second: float = TOKENS_PER_SECOND
     seed: int | None = None
 
@@ -193,9 +194,9 @@ class LoadGenerator:
             while sent < give_up_at:  # a slow uplink
                 if conn.writer.is_closing() or conn.reader.at_eof():
                     return  # the server answered (an error) and hung up first
-                await conn.send(body[sent:sent + 2048])
-                sent += 2048
-                await asyncio.sleep(0.05)
+                await conn.send(body[sent:sent + 1024])
+                sent += 1024
+                await asyncio.sleep(0.1)
             self._hang_up(conn, "during upload")
         finally:
             self._done(conn)

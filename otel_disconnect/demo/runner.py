@@ -51,7 +51,7 @@ def client_timeout(options: DemoOptions) -> float:
     """10 s, as clients configure it, but short enough that a short run sees timeouts."""
     if options.client_timeout_s is not None:
         return options.client_timeout_s
-    return max(1.0, min(10.0, options.duration / 3))
+    return max(1.0, min(10.0, options.duration / 4))
 
 
 def redact(url: str) -> str:
@@ -240,7 +240,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> list[Run]:
     # The live view says it all; per-backend orphan warnings would scroll it away.
     logging.getLogger("otel_disconnect").setLevel(logging.ERROR)
     # Clients writing to a connection the gateway already closed: expected here.
-    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    # (and asyncpg connections closed under cancellation, reported by asyncio as never retrieved)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     with Demo(options, out) as demo:
         demo.start_database()
         demo.start_llm()
