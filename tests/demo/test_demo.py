@@ -103,7 +103,8 @@ def test_report_renders_its_charts_in_headless_chromium(compared: DemoRun) -> No
     for name, rgb in {"baseline": (0xdc, 0x26, 0x26), "cancel": (0x16, 0xa3, 0x4a),
                       "request_body": (0x7c, 0x3a, 0xed), "before_response": (0xea, 0x58, 0x0c),
                       "streaming": (0x25, 0x63, 0xeb)}.items():
-        count = sum(n for n, c in colours if max(abs(a - b) for a, b in zip(c, rgb, strict=True)) <= 12)
+        count = sum(n for n, c in colours
+                    if max(abs(a - b) for a, b in zip(c, rgb, strict=True)) <= 12)
         assert count > 150, f"{name} series not drawn ({count} pixels); colours: {len(drawn)}"
 
 
