@@ -16,6 +16,8 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config, options_from
 from .errors import ClientDisconnected
 from .failsafe import internal_error
+from .llm import instrument_upstreams
+from .llm.response_tokens import observer_for
 from .receive_pump import ReceivePump
 from .state import RequestState, _current
 from .telemetry.metrics import metrics_for
@@ -35,6 +37,11 @@ class DisconnectMiddleware:
         self.app = app
         self.config: Config = options_from(options)
         self.recorder = Recorder(metrics_for(self.config.registry))
+        if self.config.count_tokens == "auto":
+            try:
+                instrument_upstreams()  # LLM gateways: count what they read from upstream
+            except Exception:
+                internal_error("instrument_upstreams", self.config.registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,7 +63,10 @@ class DisconnectMiddleware:
 class _Cycle:
     """One request: the wrapped receive and send, the read-ahead, the state."""
 
-    __slots__ = ("app", "config", "pump", "recorder", "scope", "send_downstream", "state", "trailers")
+    __slots__ = (
+        "app", "config", "pump", "recorder", "scope", "send_downstream", "state", "tokens",
+        "trailers",
+    )
 
     def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send):
         self.app = mw.app
@@ -65,6 +75,7 @@ class _Cycle:
         self.scope = scope
         self.send_downstream = send
         self.trailers = False
+        self.tokens: Any = None  # counts an OpenAI-compatible response body (llm.response_tokens)
         self.state = RequestState(scope, trace.get_current_span())
         self.pump = ReceivePump(receive, self.observe)
         self.recorder.start(self.state)
@@ -119,10 +130,14 @@ class _Cycle:
         elif kind == "http.response.start":
             state.response_started = True
             self.trailers = bool(message.get("trailers", False))
+            if self.config.count_tokens == "auto":
+                self.count_tokens(message, False)
         elif kind == "http.response.trailers":
             final = not message.get("more_trailers", False)
         elif kind in ("http.response.pathsend", "http.response.zerocopysend"):
             final = not message.get("more_body", False)
+        if self.tokens is not None and kind == "http.response.body":
+            self.count_tokens(message, final)
         if state.detected_perf is not None:
             self.count_dropped(message, final)
             if self.config.raise_on_send_after_disconnect:
@@ -137,6 +152,18 @@ class _Cycle:
         if final:
             state.response_complete = True
             self.pump.close()
+
+    def count_tokens(self, message: Message, final: bool) -> None:
+        """OpenAI-compatible responses: tokens in chunks sent before detection were delivered."""
+        try:
+            if message["type"] == "http.response.start":
+                self.tokens = observer_for(self.state, message)
+            else:
+                delivered = self.state.detected_perf is None
+                self.tokens.feed(message.get("body", b""), delivered, final)
+        except Exception:
+            self.tokens = None
+            internal_error("count_tokens", self.config.registry)
 
     def count_dropped(self, message: Message, final: bool) -> None:
         try:

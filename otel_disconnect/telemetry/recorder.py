@@ -27,6 +27,7 @@ class Recorder:
         self.metrics = metrics
 
     def start(self, state: RequestState) -> None:
+        state.metrics = self.metrics
         self.metrics.inflight_connected.inc()
 
     def disconnect(self, state: RequestState) -> None:
