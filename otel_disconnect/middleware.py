@@ -138,6 +138,9 @@ class _Cycle:
             final = not message.get("more_body", False)
         if self.tokens is not None and kind == "http.response.body":
             self.count_tokens(message, final)
+        if final and state.extras and state.detected_perf is None:
+            # Token counts of a normal request: the server span ends right after this message.
+            self.write_span_now()
         if state.detected_perf is not None:
             self.count_dropped(message, final)
             if self.config.raise_on_send_after_disconnect:
@@ -164,6 +167,12 @@ class _Cycle:
         except Exception:
             self.tokens = None
             internal_error("count_tokens", self.config.registry)
+
+    def write_span_now(self) -> None:
+        try:
+            self.recorder.write_span(self.state, time.perf_counter())
+        except Exception:
+            internal_error("send", self.config.registry)
 
     def count_dropped(self, message: Message, final: bool) -> None:
         try:

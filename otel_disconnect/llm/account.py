@@ -217,7 +217,7 @@ class TokenAccount:
         total, after, delivered, estimated = self.tallies[source].split(detected)
         after = min(after, total)
         if detected is None:
-            return source, total, 0, 0, estimated
+            return source, total, 0, 0, False  # the usage total is exact; nothing was split
         if source != RESPONSE:
             delivered = self._delivered_elsewhere(state, total - after)
         undelivered = min(total, max(after, total - delivered))
