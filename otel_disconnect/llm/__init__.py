@@ -8,8 +8,6 @@ __all__ = ["instrument_upstreams", "record_tokens"]
 
 def instrument_upstreams() -> bool:
     """Count upstream OpenAI-compatible responses read with httpx; False without httpx."""
-    try:
-        from .httpx_upstream import instrument_httpx
-    except ImportError:
-        return False
+    from .httpx_upstream import instrument_httpx
+
     return instrument_httpx()

@@ -1,8 +1,9 @@
 """Counting upstream OpenAI-compatible responses read with httpx inside a request (LLM gateways).
 
-``instrument_httpx()`` wraps ``httpx.AsyncClient.send`` and ``httpx.Client.send`` (the OpenAI
-SDK goes through them). A response to a ``.../completions`` URL with an SSE or JSON body, sent
-inside a request the middleware sees, gets its byte stream wrapped: every token read counts
+``instrument_httpx()`` wraps ``AsyncClient.send`` and ``Client.send`` of ``httpx`` and of
+``httpx2`` (its successor, which the OpenAI SDK 3 uses; the SDK 1 and 2 use httpx). A response
+to a ``.../completions`` URL with an SSE or JSON body, sent inside a request the middleware
+sees, gets its byte stream wrapped: every token read counts
 against that request, as after-disconnect once the downstream client left, and through the
 metrics alone once the request ended. A stream still open when the request ended shows on the
 span (``disconnect.llm.upstream_streams_open``) and keeps counting until it is closed.
@@ -15,10 +16,9 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-
-import httpx
 
 from ..failsafe import internal_error
 from ..state import RequestState, current
@@ -78,8 +78,12 @@ class Upstream:
             internal_error("httpx_upstream")
 
 
-class CountingStream(httpx.AsyncByteStream, httpx.SyncByteStream):
-    """Wraps an httpx byte stream (sync or async); passes every chunk through unchanged."""
+class CountingStream:
+    """Wraps an httpx byte stream (sync or async); passes every chunk through unchanged.
+
+    Subclassed per module with that module's byte stream classes (``_stream_class``), which
+    httpx checks with ``isinstance``.
+    """
 
     def __init__(self, inner: Any, upstream: Upstream) -> None:
         self._inner = inner
@@ -121,7 +125,8 @@ def _parser_for(request: Any, response: Any) -> SSEUsageParser | JSONUsageParser
     return None
 
 
-def _watch(state: RequestState, request: Any, response: Any, started: float) -> None:
+def _watch(mod: types.ModuleType, state: RequestState, request: Any, response: Any,
+           started: float) -> None:
     parser = _parser_for(request, response)
     if parser is None:
         return
@@ -132,52 +137,79 @@ def _watch(state: RequestState, request: Any, response: Any, started: float) -> 
         return
     if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
         return
-    response.stream = CountingStream(response.stream, Upstream(state, parser, started))
+    response.stream = _stream_class(mod)(response.stream, Upstream(state, parser, started))
+
+
+_stream_classes: dict[str, type[CountingStream]] = {}
+
+
+def _stream_class(mod: types.ModuleType) -> type[CountingStream]:
+    found = _stream_classes.get(mod.__name__)
+    if found is None:
+        bases = (CountingStream, mod.AsyncByteStream, mod.SyncByteStream)
+        found = _stream_classes[mod.__name__] = type("CountingStream", bases, {})
+    return found
+
+
+def _modules() -> list[types.ModuleType]:
+    found = []
+    for name in ("httpx", "httpx2"):
+        try:
+            found.append(__import__(name))
+        except ImportError:
+            continue
+    return found
 
 
 def instrument_httpx() -> bool:
-    """Patch httpx once per process (idempotent)."""
+    """Patch httpx (and httpx2) once per process; False when neither is installed."""
+    mods = _modules()
     with _lock:
-        if hasattr(httpx.AsyncClient.send, _MARK):
-            return True
-        original_async = httpx.AsyncClient.send
-        original_sync = httpx.Client.send
+        for mod in mods:
+            _patch(mod)
+    return bool(mods)
 
-        async def send_async(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-            state = current()
-            if state is None:
-                return await original_async(self, request, *args, **kwargs)
-            started = time.perf_counter()
-            response = await original_async(self, request, *args, **kwargs)
-            try:
-                _watch(state, request, response, started)
-            except Exception:
-                internal_error("httpx_upstream")
-            return response
 
-        def send_sync(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-            state = current()
-            if state is None:
-                return original_sync(self, request, *args, **kwargs)
-            started = time.perf_counter()
-            response = original_sync(self, request, *args, **kwargs)
-            try:
-                _watch(state, request, response, started)
-            except Exception:
-                internal_error("httpx_upstream")
-            return response
+def _patch(mod: types.ModuleType) -> None:
+    if hasattr(mod.AsyncClient.send, _MARK):
+        return
+    original_async = mod.AsyncClient.send
+    original_sync = mod.Client.send
 
-        setattr(send_async, _MARK, original_async)
-        setattr(send_sync, _MARK, original_sync)
-        httpx.AsyncClient.send = send_async  # type: ignore[method-assign]
-        httpx.Client.send = send_sync  # type: ignore[method-assign]
-    return True
+    async def send_async(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        state = current()
+        if state is None:
+            return await original_async(self, request, *args, **kwargs)
+        started = time.perf_counter()
+        response = await original_async(self, request, *args, **kwargs)
+        try:
+            _watch(mod, state, request, response, started)
+        except Exception:
+            internal_error("httpx_upstream")
+        return response
+
+    def send_sync(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        state = current()
+        if state is None:
+            return original_sync(self, request, *args, **kwargs)
+        started = time.perf_counter()
+        response = original_sync(self, request, *args, **kwargs)
+        try:
+            _watch(mod, state, request, response, started)
+        except Exception:
+            internal_error("httpx_upstream")
+        return response
+
+    setattr(send_async, _MARK, original_async)
+    setattr(send_sync, _MARK, original_sync)
+    mod.AsyncClient.send = send_async
+    mod.Client.send = send_sync
 
 
 def uninstrument_httpx() -> None:
     with _lock:
-        for cls in (httpx.AsyncClient, httpx.Client):
-            original = getattr(cls.send, _MARK, None)
-            if original is not None:
-                cls.send = original  # type: ignore[method-assign]
-
+        for mod in _modules():
+            for cls in (mod.AsyncClient, mod.Client):
+                original = getattr(cls.send, _MARK, None)
+                if original is not None:
+                    cls.send = original
