@@ -1,4 +1,4 @@
-"""The simulator on its own: OpenAI shapes, vLLM-named metrics, ground truth, the switch, the CLI."""
+"""The simulator alone: OpenAI shapes, vLLM-named metrics, ground truth, the switch, the CLI."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 
 
 def test_openai_shapes_and_vllm_metrics() -> None:
-    with simulator(ttft=0.0, tokens_per_second=5000, max_tokens=8, model="m-sim") as (server, sim):
+    with simulator(ttft=0.0, tokens_per_second=5000, max_tokens=8, model="m-sim") as (server, _):
         models = httpx.get(server.url + "/v1/models").json()
         assert models["data"][0]["id"] == "m-sim"
         full = httpx.post(server.url + "/v1/chat/completions", json={
@@ -76,7 +76,8 @@ def _stream_and_leave(port: int, user: str) -> None:
 
 
 def test_abort_on_disconnect_by_default() -> None:
-    with simulator(ttft=0.0, tokens_per_second=200, max_tokens=200, model="m-sim") as (server, sim):
+    config = {"ttft": 0.0, "tokens_per_second": 200, "max_tokens": 200, "model": "m-sim"}
+    with simulator(**config) as (server, sim):
         _stream_and_leave(server.port, "a")
         record = wait_for(lambda: (r := sim.find("a")) is not None and r.done and r)
         samples = _samples(server.url)
@@ -92,7 +93,8 @@ def test_keep_generating_after_disconnect() -> None:
         # While it generates for nobody it holds the only slot: the GPU is busy, power is up.
         samples = _samples(server.url)
         assert _value(samples, "vllm:num_requests_running") == 1
-        assert samples[("DCGM_FI_DEV_POWER_USAGE", (("gpu", "0"), ("modelName", "simulated")))] == 95
+        power = ("DCGM_FI_DEV_POWER_USAGE", (("gpu", "0"), ("modelName", "simulated")))
+        assert samples[power] == 95
         record = wait_for(lambda: (r := sim.find("k")) is not None and r.done and r)
         samples = _samples(server.url)
     assert not record.aborted and record.generated == 100

@@ -53,7 +53,8 @@ def test_client_gone_at_one_second(path: str, telemetry: Telemetry) -> None:
     with simulator(ttft=0.0, tokens_per_second=20, max_tokens=TOKENS, model="m-ns") as (up, sim):
         app = build_app(up.url, states, telemetry)
         with serve(app, "uvicorn-h11") as server, RawClient(server.port) as client:
-            post_json(client, path, {"model": "m-ns", "messages": [{"role": "user", "content": "q"}]})
+            messages = [{"role": "user", "content": "q"}]
+            post_json(client, path, {"model": "m-ns", "messages": messages})
             wait_for(lambda: sim.find(user) is not None)
             time.sleep(1.0)  # the scenario: the client gives up after one second
             client.close()

@@ -33,7 +33,8 @@ def test_chat_chunks_count_one_token_per_content_delta() -> None:
 
 def test_tool_calls_and_completions_count() -> None:
     parser = SSEUsageParser()
-    call = {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\""}}]}}]}
+    function = {"arguments": "{\""}
+    call = {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": function}]}}]}
     text = {"choices": [{"index": 0, "text": "hi"}, {"index": 1, "text": "yo"}]}
     data = b"".join(b"data: " + json.dumps(o).encode() + b"\r\n\r\n" for o in (call, text))
     assert parser.feed(data) == 3
@@ -94,7 +95,8 @@ def test_json_usage_small_and_large() -> None:
 
 
 def test_json_without_usage_or_not_json() -> None:
-    for body in (b'{"hello": "world"}', b"\xff\xfe{", b"[1,2]", b'{"usage": {"completion_tokens": -1}}',
+    for body in (b'{"hello": "world"}', b"\xff\xfe{", b"[1,2]",
+                 b'{"usage": {"completion_tokens": -1}}',
                  b'{"content": "\\"completion_tokens\\": 5"}'):
         parser = JSONUsageParser()
         parser.feed(body)

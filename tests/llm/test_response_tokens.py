@@ -1,4 +1,4 @@
-"""The app's own OpenAI-compatible responses: the simulator itself, instrumented, on real sockets."""
+"""The app's own OpenAI-compatible responses: the simulator itself instrumented, real sockets."""
 
 from __future__ import annotations
 

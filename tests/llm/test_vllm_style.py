@@ -77,7 +77,8 @@ def build_vllm_like(engine: Simulator, telemetry: Telemetry) -> FastAPI:
         if request.stream:
             async def stream() -> Any:
                 try:
-                    yield _chunk(generation, request.model, {"role": "assistant", "content": ""}, None)
+                    role = {"role": "assistant", "content": ""}
+                    yield _chunk(generation, request.model, role, None)
                     while (text := await generation.queue.get()) is not None:
                         yield _chunk(generation, request.model, {"content": text}, None)
                     yield _chunk(generation, request.model, {}, "stop")
