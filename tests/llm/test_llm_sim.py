@@ -87,18 +87,20 @@ def test_abort_on_disconnect_by_default() -> None:
 
 
 def test_keep_generating_after_disconnect() -> None:
-    with simulator(ttft=0.0, tokens_per_second=400, max_tokens=100, model="m-sim",
+    with simulator(ttft=0.0, tokens_per_second=400, max_tokens=600, model="m-sim",
                    keep_generating_after_disconnect=True, max_num_seqs=1) as (server, sim):
         _stream_and_leave(server.port, "k")
+        wait_for(lambda: (r := sim.find("k")) is not None and r.client_disconnected_at)
         # While it generates for nobody it holds the only slot: the GPU is busy, power is up.
-        samples = _samples(server.url)
-        assert _value(samples, "vllm:num_requests_running") == 1
-        power = ("DCGM_FI_DEV_POWER_USAGE", (("gpu", "0"), ("modelName", "simulated")))
-        assert samples[power] == 95
+        running = sim.registry.get_sample_value("vllm:num_requests_running", LABELS)
+        power = sim.registry.get_sample_value(
+            "DCGM_FI_DEV_POWER_USAGE", {"gpu": "0", "modelName": "simulated"}
+        )
         record = wait_for(lambda: (r := sim.find("k")) is not None and r.done and r)
         samples = _samples(server.url)
-    assert not record.aborted and record.generated == 100
-    assert record.generated_after_disconnect >= 50
+    assert (running, power) == (1, 95)
+    assert not record.aborted and record.generated == 600
+    assert record.generated_after_disconnect >= 300
     assert _value(samples, "vllm:request_success_total", finished_reason="stop") == 1
 
 
