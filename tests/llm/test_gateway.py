@@ -68,7 +68,7 @@ def _body(user: str) -> dict[str, Any]:
 
 def test_leaky_gateway_counts_what_it_reads_after_the_client_left(telemetry: Telemetry) -> None:
     states: dict[str, Any] = {}
-    with simulator(ttft=0.0, tokens_per_second=100, max_tokens=60, model="m-gw",
+    with simulator(ttft=0.0, tokens_per_second=40, max_tokens=60, model="m-gw",
                    keep_generating_after_disconnect=True) as (upstream, sim):
         app = build_proxy(upstream.url, "leaky", states, telemetry)
         with serve(app, "uvicorn-h11") as server, RawClient(server.port) as client:
@@ -97,7 +97,7 @@ def test_leaky_gateway_counts_what_it_reads_after_the_client_left(telemetry: Tel
 
 def test_propagating_gateway_reads_next_to_nothing_after(telemetry: Telemetry) -> None:
     states: dict[str, Any] = {}
-    config = {"ttft": 0.0, "tokens_per_second": 100, "max_tokens": 300, "model": "m-gw"}
+    config = {"ttft": 0.0, "tokens_per_second": 40, "max_tokens": 300, "model": "m-gw"}
     with simulator(**config) as (upstream, sim):
         app = build_proxy(upstream.url, "propagating", states, telemetry)
         with serve(app, "uvicorn-h11") as server, RawClient(server.port) as client:

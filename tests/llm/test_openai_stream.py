@@ -116,7 +116,7 @@ _pieces = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_pieces, st.integers(min_value=16, max_value=512))
 def test_fuzzed_sse_never_raises_and_stays_bounded(pieces: list[bytes], cap: int) -> None:
     parser = SSEUsageParser(max_buffer=cap)
@@ -130,7 +130,7 @@ def test_fuzzed_sse_never_raises_and_stays_bounded(pieces: list[bytes], cap: int
     assert parser.usage_total is None or parser.usage_total >= 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=400), max_size=30), st.integers(min_value=16, max_value=2048))
 def test_fuzzed_json_never_raises_and_stays_bounded(pieces: list[bytes], cap: int) -> None:
     parser = JSONUsageParser(max_buffer=cap)

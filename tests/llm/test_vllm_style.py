@@ -123,7 +123,7 @@ def _disconnects(telemetry: Telemetry, phase: str) -> float:
 
 
 def test_streaming_cut_short(telemetry: Telemetry) -> None:
-    engine = Simulator(SimConfig(ttft=0.0, tokens_per_second=100, max_tokens=400))
+    engine = Simulator(SimConfig(ttft=0.0, tokens_per_second=40, max_tokens=400))
     with serve(build_vllm_like(engine, telemetry), "uvicorn-httptools") as server, \
             RawClient(server.port) as client:
         post_json(client, ROUTE, _request("s", stream=True))
