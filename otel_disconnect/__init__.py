@@ -3,6 +3,9 @@
 The public API (SPEC section 3). Everything else is internal and may change.
 """
 
+from .cancel import guard_stream, protect
+from .db.engine import instrument_engine
+from .db.pg_activity import PgActivityCollector
 from .errors import ClientDisconnected
 from .exposition import metrics_app
 from .instrumentor import DisconnectInstrumentor, instrument_app
@@ -14,10 +17,14 @@ __all__ = [
     "ClientDisconnected",
     "DisconnectInstrumentor",
     "DisconnectMiddleware",
+    "PgActivityCollector",
     "RequestState",
     "__version__",
     "client_state",
     "current",
+    "guard_stream",
     "instrument_app",
+    "instrument_engine",
     "metrics_app",
+    "protect",
 ]

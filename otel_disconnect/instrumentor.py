@@ -1,4 +1,4 @@
-"""``instrument_app()`` and ``DisconnectInstrumentor`` (the ``opentelemetry-instrument`` entry point).
+"""``instrument_app()`` and ``DisconnectInstrumentor`` (the opentelemetry-instrument entry point).
 
 The order that matters: the OpenTelemetry server middleware outermost (it owns the server span),
 then DisconnectMiddleware (so it sees the server's own ``receive``), then the app's middleware.
@@ -6,9 +6,12 @@ then DisconnectMiddleware (so it sees the server's own ``receive``), then the ap
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
 from collections.abc import Collection, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
     BaseInstrumentor,
@@ -41,7 +44,7 @@ def _insert_middleware(app: Any, options: dict[str, Any]) -> None:
     for i, entry in enumerate(stack):
         if _is_otel_middleware(entry.cls):
             index = i + 1
-    stack.insert(index, Middleware(DisconnectMiddleware, **options))
+    stack.insert(index, Middleware(DisconnectMiddleware, **options))  # type: ignore[arg-type]
 
 
 def _has_server_span_middleware(app: Any) -> bool:
@@ -62,13 +65,7 @@ def _add_otel_middleware(app: Any, tracer_provider: Any) -> None:
             return
     except ImportError:
         pass
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-    from starlette.middleware import Middleware
-
-    # Outermost, so its span covers everything the app's middleware does.
-    app.user_middleware.insert(
-        0, Middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider)
-    )
+    _add_asgi_middleware(app, tracer_provider)
 
 
 def instrument_app(
@@ -86,28 +83,22 @@ def instrument_app(
     """
     engines = list(engines)
     if engines:
-        from .db.engine import instrument_engine  # type: ignore[import-not-found,unused-ignore]
+        from .db.engine import instrument_engine
 
         for engine in engines:
-            instrument_engine(engine)
+            instrument_engine(engine, registry=options.get("registry"))
     if getattr(app, _MARK, False):
         return app
-    if metrics_path:
-        excluded = options.get("excluded_urls")
-        extra = f"^{metrics_path}$"
-        if excluded is None:
-            options["excluded_urls"] = [extra]
-        elif isinstance(excluded, str):
-            options["excluded_urls"] = [*excluded.split(","), extra]
-        else:
-            options["excluded_urls"] = [*excluded, extra]
+    options = _exclude_metrics_path(options, metrics_path)
     DisconnectMiddleware(_noop_app, **options)  # validates options now, not at first request
     if not hasattr(app, "user_middleware"):
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
         wrapped: ASGIApp = DisconnectMiddleware(app, **options)
         if not _is_otel_middleware(type(app)):
-            wrapped = OpenTelemetryMiddleware(wrapped, tracer_provider=options.get("tracer_provider"))
+            wrapped = OpenTelemetryMiddleware(
+                wrapped, tracer_provider=options.get("tracer_provider")
+            )
         return wrapped
     if getattr(app, "middleware_stack", None) is not None:
         raise RuntimeError(
@@ -116,15 +107,38 @@ def instrument_app(
         )
     if not _has_server_span_middleware(app):
         _add_otel_middleware(app, options.get("tracer_provider"))
+    _instrument_starlette(app, options, metrics_path)
+    return app
+
+
+def _instrument_starlette(app: Any, options: dict[str, Any], metrics_path: str | None) -> None:
     _insert_middleware(app, options)
-    if metrics_path:
+    if metrics_path and not any(
+        getattr(route, "path", None) == metrics_path for route in app.router.routes
+    ):
         from starlette.routing import Route
 
-        app.router.routes.insert(  # type: ignore[attr-defined]
+        app.router.routes.insert(
             0, Route(metrics_path, metrics_app(options.get("registry")), methods=["GET"])
         )
     setattr(app, _MARK, True)
-    return app
+
+
+def _exclude_metrics_path(options: dict[str, Any], metrics_path: str | None) -> dict[str, Any]:
+    """Prometheus scrapes are not requests worth counting: leave the metrics route out."""
+    if not metrics_path:
+        return options
+    extra = f"^{re.escape(metrics_path)}$"
+    excluded = options.get("excluded_urls")
+    if excluded is None:
+        excluded = os.environ.get("OTEL_DISCONNECT_EXCLUDED_URLS")
+    if excluded is None:
+        patterns = [extra]
+    elif isinstance(excluded, str):
+        patterns = [*excluded.split(","), extra]
+    else:
+        patterns = [*excluded, extra]
+    return {**options, "excluded_urls": patterns}
 
 
 async def _noop_app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
@@ -135,56 +149,100 @@ class DisconnectInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Instruments every Starlette/FastAPI app built after ``instrument()`` is called.
 
     ``opentelemetry-instrument`` calls it through the ``opentelemetry_instrumentor`` entry point.
-    The app gets its middleware when Starlette builds its middleware stack (on the first request),
-    by which time every instrumentor has run and we can see whether a server span middleware is
-    already there.
+    The app gets its middleware when it builds its middleware stack (on the first request), by
+    which time every instrumentor has run and we can see whether a server span middleware is
+    already there. FastAPI has its own ``build_middleware_stack``, so each class that defines one
+    is patched.
     """
 
-    _original_build: Any = None
+    _originals: ClassVar[dict[Any, Any]] = {}
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
 
     def _instrument(self, **kwargs: Any) -> None:
-        from starlette.applications import Starlette
-
-        if DisconnectInstrumentor._original_build is not None:
+        if DisconnectInstrumentor._originals:
             return
-        options = {
-            k: v
-            for k, v in kwargs.items()
-            if k in ("registry", "tracer_provider", "cancel_on_disconnect",
-                     "raise_on_send_after_disconnect", "excluded_urls", "count_tokens",
-                     "retry_window_s")
-        }
+        # OTEL_DISCONNECT_METRICS_PATH="" serves no metrics route; an app's own route wins.
+        metrics_path = os.environ.get("OTEL_DISCONNECT_METRICS_PATH", "/metrics") or None
+        options = _exclude_metrics_path(
+            {k: v for k, v in kwargs.items() if k in _OPTION_NAMES}, metrics_path
+        )
         DisconnectMiddleware(_noop_app, **options)  # fail at start-up on a bad option
-        original = Starlette.build_middleware_stack
-        DisconnectInstrumentor._original_build = original
+        for cls in _app_classes():
+            original = cls.__dict__["build_middleware_stack"]
+            DisconnectInstrumentor._originals[cls] = original
+            cls.build_middleware_stack = _patched_build(original, options, metrics_path)
+        try:
+            from .db import auto
 
-        def build_middleware_stack(self: Any) -> Any:
-            try:
-                if not getattr(self, _MARK, False):
-                    if not _has_server_span_middleware(self):
-                        _add_otel_middleware_raw(self, options.get("tracer_provider"))
-                    _insert_middleware(self, options)
-                    setattr(self, _MARK, True)
-            except Exception:
-                logger.exception("otel-disconnect could not instrument %r; serving it unchanged", self)
-            return original(self)
-
-        Starlette.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+            auto.install(options.get("registry"))  # SQLAlchemy engines created from now on
+        except ImportError:
+            pass  # SQLAlchemy is optional
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        from starlette.applications import Starlette
+        for cls, original in DisconnectInstrumentor._originals.items():
+            cls.build_middleware_stack = original
+        DisconnectInstrumentor._originals.clear()
+        try:
+            from .db import auto
 
-        original = DisconnectInstrumentor._original_build
-        if original is not None:
-            Starlette.build_middleware_stack = original  # type: ignore[method-assign]
-            DisconnectInstrumentor._original_build = None
+            auto.uninstall()
+        except ImportError:
+            pass
 
 
-def _add_otel_middleware_raw(app: Any, tracer_provider: Any) -> None:
-    """At build time the FastAPI instrumentor can no longer wrap: add the ASGI middleware."""
+_OPTION_NAMES = frozenset(
+    (
+        "registry",
+        "tracer_provider",
+        "cancel_on_disconnect",
+        "raise_on_send_after_disconnect",
+        "excluded_urls",
+        "count_tokens",
+        "retry_window_s",
+    )
+)
+
+
+def _app_classes() -> list[Any]:
+    """Every class defining ``build_middleware_stack`` up from FastAPI and Starlette (the FastAPI
+    instrumentor may already have replaced ``fastapi.FastAPI`` with a subclass)."""
+    from starlette.applications import Starlette
+
+    roots: list[type] = [Starlette]
+    try:
+        import fastapi
+
+        roots.insert(0, fastapi.FastAPI)
+    except ImportError:
+        pass
+    found: list[Any] = []
+    for root in roots:
+        for cls in root.__mro__:
+            if "build_middleware_stack" in cls.__dict__ and cls not in found:
+                found.append(cls)
+    return found
+
+
+def _patched_build(original: Any, options: dict[str, Any], metrics_path: str | None) -> Any:
+    @functools.wraps(original)
+    def build_middleware_stack(self: Any) -> Any:
+        try:
+            if not getattr(self, _MARK, False):
+                if not _has_server_span_middleware(self):
+                    _add_asgi_middleware(self, options.get("tracer_provider"))
+                _instrument_starlette(self, options, metrics_path)
+        except Exception:
+            logger.exception("otel-disconnect could not instrument %r; serving it as is", self)
+        return original(self)
+
+    return build_middleware_stack
+
+
+def _add_asgi_middleware(app: Any, tracer_provider: Any) -> None:
+    """The plain ASGI server-span middleware, outermost among the app's middleware (also used at
+    build time, when the FastAPI instrumentor can no longer wrap the app)."""
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
     from starlette.middleware import Middleware
 

@@ -10,6 +10,7 @@ import asyncio
 import time
 from typing import Any
 
+import anyio
 from opentelemetry import trace
 
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -19,7 +20,10 @@ from .failsafe import internal_error
 from .llm import instrument_upstreams
 from .llm.response_tokens import observer_for
 from .receive_pump import ReceivePump
+from .retry import BodyDigest, RetryTracker, fingerprint
+from .routes import route_template
 from .state import RequestState, _current
+from .telemetry import spans
 from .telemetry.metrics import metrics_for
 from .telemetry.recorder import Recorder
 
@@ -37,6 +41,8 @@ class DisconnectMiddleware:
         self.app = app
         self.config: Config = options_from(options)
         self.recorder = Recorder(metrics_for(self.config.registry))
+        # Shared by this middleware's requests: digests of recently disconnected requests.
+        self.retries = RetryTracker(self.config.retry_window_s)
         if self.config.count_tokens == "auto":
             try:
                 instrument_upstreams()  # LLM gateways: count what they read from upstream
@@ -64,7 +70,17 @@ class _Cycle:
     """One request: the wrapped receive and send, the read-ahead, the state."""
 
     __slots__ = (
-        "app", "config", "pump", "recorder", "scope", "send_downstream", "state", "tokens",
+        "app",
+        "body_digest",
+        "config",
+        "pump",
+        "recorder",
+        "retries",
+        "retry_checked",
+        "scope",
+        "send_downstream",
+        "state",
+        "tokens",
         "trailers",
     )
 
@@ -72,6 +88,9 @@ class _Cycle:
         self.app = mw.app
         self.config = mw.config
         self.recorder = mw.recorder
+        self.retries = mw.retries
+        self.retry_checked = False
+        self.body_digest: BodyDigest | None = None
         self.scope = scope
         self.send_downstream = send
         self.trailers = False
@@ -87,7 +106,14 @@ class _Cycle:
     async def run(self) -> None:
         token = _current.set(self.state)
         try:
-            await self.app(self.scope, self.pump.receive, self.send)
+            if self.config.cancel_on_disconnect is False:
+                await self.app(self.scope, self.pump.receive, self.send)
+            else:
+                # An anyio scope reaches the tasks Starlette streams in and respects the shields
+                # of protect(); a cancellation it caught ends here as a normal return.
+                with anyio.CancelScope() as cancel_scope:
+                    self.state.arm_cancel(cancel_scope.cancel)
+                    await self.app(self.scope, self.pump.receive, self.send)
         except asyncio.CancelledError:
             self.ended("cancelled")
             raise
@@ -105,6 +131,11 @@ class _Cycle:
         """Every message read from the server, by the app or by the read-ahead, passes here."""
         kind = message.get("type")
         if kind == "http.request":
+            body = message.get("body")
+            if body and self.retries.enabled:
+                if self.body_digest is None:
+                    self.body_digest = BodyDigest()
+                self.body_digest.update(body)
             if not message.get("more_body", False):
                 self.state.body_complete = True
         elif kind == "http.disconnect":
@@ -118,6 +149,12 @@ class _Cycle:
             self.recorder.disconnect(state)
         except Exception:
             internal_error("disconnect", self.config.registry)
+        if self.config.cancel_on_disconnect is not False:
+            try:
+                if self.config.wants_cancel(self.scope):
+                    state.request_cancel()
+            except Exception:
+                internal_error("cancel", self.config.registry)
 
     # -- the app's send ------------------------------------------------------------------------
 
@@ -136,6 +173,8 @@ class _Cycle:
             final = not message.get("more_trailers", False)
         elif kind in ("http.response.pathsend", "http.response.zerocopysend"):
             final = not message.get("more_body", False)
+        if final and self.retries:  # a non-empty tracker: someone disconnected lately
+            self.check_retry()  # before the final body: the server span ends with it
         if self.tokens is not None and kind == "http.response.body":
             self.count_tokens(message, final)
         if final and state.extras and state.detected_perf is None:
@@ -187,6 +226,30 @@ class _Cycle:
         except Exception:
             internal_error("send", self.config.registry)
 
+    # -- retries -------------------------------------------------------------------------------
+
+    def check_retry(self) -> None:
+        """Flag a request that repeats one whose client left within the retry window."""
+        if self.retry_checked:
+            return
+        self.retry_checked = True
+        try:
+            route = route_template(self.scope)
+            fp = fingerprint(self.scope, route, self.body_digest)
+            if self.retries.is_retry(fp):
+                self.state.retry_of_disconnected = True
+                self.recorder.metrics.retries_after_disconnect.labels(route).inc()
+                spans.set_attributes(self.state.span, {spans.RETRY_OF_DISCONNECTED: True})
+        except Exception:
+            internal_error("retry", self.config.registry)
+
+    def remember_disconnect(self) -> None:
+        try:
+            route = route_template(self.scope)
+            self.retries.remember(fingerprint(self.scope, route, self.body_digest))
+        except Exception:
+            internal_error("retry", self.config.registry)
+
     # -- the end -------------------------------------------------------------------------------
 
     def ended(self, failure: str | None) -> None:
@@ -208,6 +271,10 @@ class _Cycle:
                     state.set_outcome("cancelled")
                 else:
                     state.set_outcome("completed")
+            if self.retries:
+                self.check_retry()
+            if state.detected_perf is not None and self.retries.enabled:
+                self.remember_disconnect()
             self.recorder.end(state)
         except Exception:
             internal_error("request_end", self.config.registry)

@@ -18,6 +18,7 @@ wrapper, which may use anyio and so needs ``current_task()``) is read in a real 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
@@ -240,10 +241,8 @@ class ReceivePump:
         self._closed = True
         future, self._future = self._future, None
         if future is not None:
-            try:
+            with contextlib.suppress(Exception):
                 future.remove_done_callback(self._wake)
-            except Exception:
-                pass
         it, self._iter = self._iter, None
         if it is not None:
             stop = getattr(it, "close", None) or getattr(it, "cancel", None)
@@ -254,6 +253,13 @@ class ReceivePump:
             task.remove_done_callback(self._task_done)
             task.cancel()
         self._wake_waiters()
+        # observe is the request's bound method, and the request holds this pump: drop the
+        # reference so the pair is freed by reference counting, not by a GC pass.
+        self._observe = _ignore
+
+
+def _ignore(message: Message) -> None:
+    return None
 
 
 async def _read(receive: Receive) -> Message:

@@ -25,12 +25,15 @@ class RequestState:
     """What one HTTP request has done so far. Read-only to the app (see ``current()``)."""
 
     __slots__ = (
+        "_cancel",
+        "_cancel_deferred",
         "_detected_by",
         "_disconnected_at",
         "_event",
         "_listeners",
         "_outcome",
         "_phase_at_disconnect",
+        "_protected",
         "body_complete",
         "bytes_dropped",
         "detected_perf",
@@ -79,6 +82,9 @@ class RequestState:
         self._phase_at_disconnect: str | None = None
         self._event: asyncio.Event | None = None
         self._listeners: list[DisconnectListener] | None = None
+        self._protected: list[str] | None = None
+        self._cancel: Callable[[], None] | None = None
+        self._cancel_deferred = False
 
     # -- read by apps ---------------------------------------------------------------------------
 
@@ -97,9 +103,11 @@ class RequestState:
         """The request's phase now, or the phase it was in when the client left."""
         if self._phase_at_disconnect is not None:
             return self._phase_at_disconnect
-        if not self.body_complete:
+        if self.response_started:
+            return PHASE_STREAMING
+        if not self.body_complete and _declares_body(self.scope):
             return PHASE_REQUEST_BODY
-        return PHASE_STREAMING if self.response_started else PHASE_BEFORE_RESPONSE
+        return PHASE_BEFORE_RESPONSE
 
     @property
     def detected_by(self) -> str | None:
@@ -137,12 +145,48 @@ class RequestState:
         if self._disconnected_at is not None or self.response_complete:
             return False
         self._phase_at_disconnect = self.phase
+        if self._protected:
+            self.protected_section = self._protected[-1]
         self.detected_perf = time.perf_counter()
         self._disconnected_at = time.time()
         self._detected_by = detected_by
         if self._event is not None:
             self._event.set()
         return True
+
+    # -- cancellation (cancel_on_disconnect, protect()) -----------------------------------------
+
+    def arm_cancel(self, cancel: Callable[[], None]) -> None:
+        """The middleware hands over how to cancel this request's work."""
+        self._cancel = cancel
+
+    def request_cancel(self) -> None:
+        """Cancel now, or when the outermost ``protect()`` block exits."""
+        if self._cancel is None:
+            return
+        if self._protected:
+            self._cancel_deferred = True
+        else:
+            self._cancel()
+
+    def enter_protected(self, name: str) -> None:
+        if self._protected is None:
+            self._protected = []
+        self._protected.append(name)
+
+    def exit_protected(self) -> bool:
+        """Leave a protect() block; True when a deferred cancellation was released."""
+        if self._protected:
+            self._protected.pop()
+        if not self._protected and self._cancel_deferred and self._cancel is not None:
+            self._cancel_deferred = False
+            self._cancel()
+            return True
+        return False
+
+    @property
+    def active_protected_section(self) -> str | None:
+        return self._protected[-1] if self._protected else None
 
     def set_outcome(self, outcome: str) -> None:
         if self._outcome is None:
@@ -169,6 +213,17 @@ class RequestState:
         if found is None:
             found = self.extras[key] = factory()
         return found
+
+
+def _declares_body(scope: Scope) -> bool:
+    """Whether the request has a body still to arrive (a GET usually has none to wait for)."""
+    for name, value in scope.get("headers") or ():
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            return True
+        if lname == b"content-length":
+            return value.strip() not in (b"0", b"")
+    return False
 
 
 _current: ContextVar[RequestState | None] = ContextVar("otel_disconnect_request", default=None)

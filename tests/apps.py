@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from otel_disconnect import RequestState, client_state, current, instrument_app
+from otel_disconnect.cancel import protect
 
 
 class Signals:
@@ -107,6 +108,48 @@ def build_app(
                 await asyncio.sleep(interval)
 
         return EventSourceResponse(events(), ping=3600)
+
+    @app.get("/work")
+    async def work(seconds: float = 5.0) -> dict[str, float]:
+        signals.set("work.started")
+        await asyncio.sleep(seconds)
+        signals.set("work.finished")
+        return {"worked": seconds}
+
+    @app.get("/protected")
+    async def protected(seconds: float = 0.3) -> dict[str, bool]:
+        signals.set("protected.started")
+        async with protect("commit"):
+            signals.set("protected.entered")
+            await asyncio.sleep(seconds)
+            signals.set("protected.committed")
+        signals.set("protected.after_block")
+        await asyncio.sleep(seconds)
+        signals.set("protected.finished")
+        return {"ok": True}
+
+    @app.get("/tokens")
+    async def tokens(n: int = 60, interval: float = 0.02) -> StreamingResponse:
+        counts = {"generated": 0, "after": 0}
+        signals.set("tokens.counts", counts)
+
+        async def body() -> Any:
+            state = current()
+            for i in range(n):
+                await asyncio.sleep(interval)  # the engine producing token i
+                counts["generated"] += 1
+                if state is not None and state.disconnected:
+                    counts["after"] += 1
+                yield f"tok{i} ".encode()
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+    @app.post("/generate")
+    async def generate(request: Request, seconds: float = 0.5) -> dict[str, int]:
+        body = await request.body()
+        signals.set("generate.started")
+        await asyncio.sleep(seconds)
+        return {"size": len(body)}
 
     @app.get("/headers")
     async def headers() -> JSONResponse:

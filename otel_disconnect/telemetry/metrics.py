@@ -25,86 +25,114 @@ OTHER_MODEL = "other"
 
 
 def _multiprocess() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 class Metrics:
-    """The metric families; label children are cached because ``labels()`` costs a lock and a tuple."""
+    """The metric families. Hot label children are cached: ``labels()`` costs a lock and a tuple."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         reg: Any = registry
         self.requests = Counter(
-            PREFIX + "requests", "HTTP requests seen by the disconnect middleware.",
-            ["route", "method"], registry=reg,
+            PREFIX + "requests",
+            "HTTP requests seen by the disconnect middleware.",
+            ["route", "method"],
+            registry=reg,
         )
         self.client_disconnects = Counter(
             PREFIX + "client_disconnects",
             "Premature client disconnects: the client left before the final response body.",
-            ["route", "method", "phase", "outcome"], registry=reg,
+            ["route", "method", "phase", "outcome"],
+            registry=reg,
         )
         self.client_wait = Histogram(
             PREFIX + "client_wait_seconds",
             "How long clients that disconnected prematurely waited before leaving.",
-            ["route"], buckets=CLIENT_WAIT_BUCKETS, registry=reg,
+            ["route"],
+            buckets=CLIENT_WAIT_BUCKETS,
+            registry=reg,
         )
         self.work_after_disconnect = Histogram(
             PREFIX + "work_after_disconnect_seconds",
             "Time the app kept working for a request after its client left.",
-            ["route", "outcome"], buckets=WORK_AFTER_BUCKETS, registry=reg,
+            ["route", "outcome"],
+            buckets=WORK_AFTER_BUCKETS,
+            registry=reg,
         )
         # livesum: in multi-process mode the exposition sums the live workers' values.
         self.inflight = Gauge(
             PREFIX + "inflight_requests",
-            "Requests in flight; client=\"disconnected\" are zombie requests working for nobody.",
-            ["client"], registry=reg, multiprocess_mode="livesum",
+            'Requests in flight; client="disconnected" are zombie requests working for nobody.',
+            ["client"],
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         self.sends_after_disconnect = Counter(
-            PREFIX + "sends_after_disconnect", "send() calls the app made after its client left.",
-            ["route"], registry=reg,
+            PREFIX + "sends_after_disconnect",
+            "send() calls the app made after its client left.",
+            ["route"],
+            registry=reg,
         )
         self.bytes_after_disconnect = Counter(
             PREFIX + "bytes_after_disconnect",
-            "Response body bytes the app sent after its client left.", ["route"], registry=reg,
+            "Response body bytes the app sent after its client left.",
+            ["route"],
+            registry=reg,
         )
         self.retries_after_disconnect = Counter(
             PREFIX + "retries_after_disconnect",
             "Requests that repeat a request whose client disconnected within the retry window.",
-            ["route"], registry=reg,
+            ["route"],
+            registry=reg,
         )
         self.llm_tokens = Counter(
-            PREFIX + "llm_tokens", "Output tokens generated.", ["route", "model"], registry=reg,
+            PREFIX + "llm_tokens",
+            "Output tokens generated.",
+            ["route", "model"],
+            registry=reg,
         )
         self.llm_tokens_after_disconnect = Counter(
             PREFIX + "llm_tokens_after_disconnect",
-            "Output tokens generated after the client disconnected.", ["route", "model"],
+            "Output tokens generated after the client disconnected.",
+            ["route", "model"],
             registry=reg,
         )
         self.llm_tokens_undelivered = Counter(
             PREFIX + "llm_tokens_undelivered",
-            "Output tokens generated that never reached the client.", ["route", "model"],
+            "Output tokens generated that never reached the client.",
+            ["route", "model"],
             registry=reg,
         )
         self.llm_generation_after_disconnect = Histogram(
             PREFIX + "llm_generation_after_disconnect_seconds",
-            "Time generation went on after the client disconnected.", ["route", "model"],
-            buckets=WORK_AFTER_BUCKETS, registry=reg,
+            "Time generation went on after the client disconnected.",
+            ["route", "model"],
+            buckets=WORK_AFTER_BUCKETS,
+            registry=reg,
         )
         self.db_transactions_interrupted = Counter(
             PREFIX + "db_transactions_interrupted",
             "Database transactions open when the client of their request disconnected.",
-            ["route", "state"], registry=reg,
+            ["route", "state"],
+            registry=reg,
         )
         self.db_connections_left_open = Counter(
             PREFIX + "db_connections_left_open",
             "Connections still checked out or in a transaction when a disconnected request ended.",
-            ["route", "state"], registry=reg,
+            ["route", "state"],
+            registry=reg,
         )
         self.db_checkins = Counter(
-            PREFIX + "db_checkins", "Pool check-ins by outcome.", ["outcome"], registry=reg,
+            PREFIX + "db_checkins",
+            "Pool check-ins by outcome.",
+            ["outcome"],
+            registry=reg,
         )
         self.internal_errors = Counter(
             PREFIX + "internal_errors",
-            "Errors inside otel-disconnect; the app was not affected.", ["where"], registry=reg,
+            "Errors inside otel-disconnect; the app was not affected.",
+            ["where"],
+            registry=reg,
         )
         self.inflight_connected = self.inflight.labels("connected")
         self.inflight_disconnected = self.inflight.labels("disconnected")

@@ -61,22 +61,22 @@ class Recorder:
         attrs: dict[str, Any] = {}
         if state.disconnected:
             detected = state.detected_perf or work_end_perf
-            attrs.update({
-                spans.DETECTED: True,
-                spans.PHASE: state.phase,
-                spans.DETECTED_BY: state.detected_by or "",
-                spans.OFFSET_S: state.offset_s or 0.0,
-                spans.OUTCOME: state.outcome or "",
-                spans.WORK_AFTER_S: max(0.0, work_end_perf - detected),
-                spans.SENDS_DROPPED: state.sends_dropped,
-                spans.BYTES_DROPPED: state.bytes_dropped,
-            })
+            attrs.update(
+                {
+                    spans.DETECTED: True,
+                    spans.PHASE: state.phase,
+                    spans.DETECTED_BY: state.detected_by or "",
+                    spans.OFFSET_S: state.offset_s or 0.0,
+                    spans.OUTCOME: state.outcome or "",
+                    spans.WORK_AFTER_S: max(0.0, work_end_perf - detected),
+                    spans.SENDS_DROPPED: state.sends_dropped,
+                    spans.BYTES_DROPPED: state.bytes_dropped,
+                }
+            )
             if state.protected_section is not None:
                 attrs[spans.PROTECTED_SECTION] = state.protected_section
         if state.stream_end is not None:
             attrs[spans.STREAM_END] = state.stream_end
-        if state.retry_of_disconnected:
-            attrs[spans.RETRY_OF_DISCONNECTED] = True
         if state.extras:
             for extra in list(state.extras.values()):
                 hook = getattr(extra, "span_attributes", None)

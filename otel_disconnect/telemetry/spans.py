@@ -24,9 +24,16 @@ DB_TRANSACTION_STATE = "disconnect.db.transaction_state"
 DB_TRANSACTION_AGE_S = "disconnect.db.transaction_age_s"
 DB_LEFT_OPEN = "disconnect.db.left_open"
 DB_BACKEND_PIDS = "disconnect.db.backend_pids"
+# Attributes of the db.transaction.* events (one connection each).
+DB_BACKEND_PID = "disconnect.db.backend_pid"
+DB_STATEMENT_RUNNING = "disconnect.db.statement_running"
+DB_ORPHAN_OWNER = "disconnect.db.orphan_owner"
+DB_IDLE_IN_TRANSACTION_S = "disconnect.db.idle_in_transaction_s"
+DB_SYSTEM_NAME = "db.system.name"
 
 EVENT_CLIENT_DISCONNECT = "client.disconnect"
 EVENT_DB_TRANSACTION_INTERRUPTED = "db.transaction.interrupted"
+EVENT_DB_TRANSACTION_ORPHANED = "db.transaction.orphaned"
 
 
 def recording(span: Any) -> bool:

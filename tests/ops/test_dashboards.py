@@ -1,0 +1,133 @@
+"""The Grafana conventions of SPEC section 9, checked on the committed dashboard JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otel_disconnect.ops.generate import DASHBOARDS
+from otel_disconnect.telemetry import metrics as metric_defs
+
+ROOT = Path(__file__).resolve().parents[2]
+FILES = ("otel-disconnect-overview.json", "otel-disconnect-llm.json", "otel-disconnect-db.json")
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((ROOT / "dashboards" / name).read_text(encoding="utf-8"))
+    return data
+
+
+def exprs(dashboard: dict[str, Any]) -> list[str]:
+    return [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+
+
+def test_the_three_dashboards_exist_with_unique_fixed_uids() -> None:
+    assert sorted(d.filename for d in DASHBOARDS) == sorted(FILES)
+    uids = [load(name)["uid"] for name in FILES]
+    assert len(set(uids)) == 3
+    assert all(re.fullmatch(r"[a-z0-9-]{1,40}", uid) for uid in uids)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_dashboard_conventions(name: str) -> None:
+    d = load(name)
+    assert 39 <= d["schemaVersion"] <= 42
+    assert d["id"] is None, "a fixed id breaks import into another Grafana"
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for v in variables.values():
+        if v["type"] == "query":
+            assert v["datasource"] == DS
+    panel_ids = [p["id"] for p in d["panels"]]
+    assert len(panel_ids) == len(set(panel_ids))
+    for panel in d["panels"]:
+        where = f"{name}: {panel['title']!r}"
+        assert panel["datasource"] == DS, where
+        assert panel["description"].strip(), where
+        assert panel["fieldConfig"]["defaults"]["unit"], where
+        assert panel["targets"], where
+        for target in panel["targets"]:
+            assert target["datasource"] == DS, where
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, where
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_range_is_rate_interval(name: str) -> None:
+    for expr in exprs(load(name)):
+        ranges = re.findall(r"\[([^\]]*)\]", expr)
+        for window in ranges:
+            # A subquery over the dashboard range is the one exception (energy over the range).
+            assert window in ("$__rate_interval", "$__range:$__interval"), (expr, window)
+        calls = len(re.findall(r"\b(rate|irate|increase)\(", expr))
+        assert calls <= expr.count("[$__rate_interval]"), expr
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_referenced_metric_is_a_known_name(name: str) -> None:
+    known = _known_metrics()
+    for expr in exprs(load(name)):
+        for metric in re.findall(r"\b(otel_disconnect_[a-z_]+)", expr):
+            assert metric in known, (metric, expr)
+
+
+def _known_metrics() -> set[str]:
+    """Exposed sample names of SPEC sections 6 (metrics.py) and 8 (the pg collector)."""
+    from prometheus_client import CollectorRegistry
+
+    m = metric_defs.Metrics(CollectorRegistry())
+    names: set[str] = set()
+    for value in vars(m).values():
+        describe = getattr(value, "describe", None)
+        if describe is None:
+            continue
+        for family in describe():
+            base = family.name
+            if family.type == "counter":
+                names.add(base + "_total")
+            elif family.type == "histogram":
+                names |= {base + "_bucket", base + "_sum", base + "_count"}
+            else:
+                names.add(base)
+    pg = ("backends", "idle_in_transaction_max_seconds", "transaction_max_age_seconds",
+          "orphaned_transactions", "idle_in_transaction_session_timeout_seconds", "up")
+    return names | {f"otel_disconnect_pg_{n}" for n in pg}
+
+
+def test_overview_shows_what_the_issue_asks_for() -> None:
+    text = " ".join(exprs(load("otel-disconnect-overview.json")))
+    for metric in ("client_disconnects_total", "client_wait_seconds_bucket",
+                   "work_after_disconnect_seconds", "inflight_requests",
+                   "retries_after_disconnect_total"):
+        assert "otel_disconnect_" + metric in text
+    # The 10 s client timeout band is read from the le="10.0" bucket, which must exist.
+    assert 10 in metric_defs.CLIENT_WAIT_BUCKETS and 30 in metric_defs.CLIENT_WAIT_BUCKETS
+    assert 'le="10.0"' in text and 'le="5.0"' in text
+
+
+def test_llm_dashboard_shows_vllm_and_power() -> None:
+    d = load("otel-disconnect-llm.json")
+    text = " ".join(exprs(d))
+    for series in ("vllm:num_requests_running", "vllm:generation_tokens_total",
+                   "vllm:request_success_total", "vllm:kv_cache_usage_perc",
+                   "DCGM_FI_DEV_POWER_USAGE", "otel_disconnect_llm_tokens_undelivered_total",
+                   "otel_disconnect_llm_generation_after_disconnect_seconds"):
+        assert series in text, series
+    assert "finished_reason" in text
+    energy = [p for p in d["panels"] if "energy" in p["title"].lower()]
+    assert energy and "estimate" in energy[0]["description"].lower()
+
+
+def test_db_dashboard_shows_what_the_issue_asks_for() -> None:
+    text = " ".join(exprs(load("otel-disconnect-db.json")))
+    for metric in ("db_transactions_interrupted_total", "db_connections_left_open_total",
+                   "db_checkins_total", "pg_backends", "pg_idle_in_transaction_max_seconds",
+                   "pg_orphaned_transactions", "pg_idle_in_transaction_session_timeout_seconds"):
+        assert "otel_disconnect_" + metric in text, metric
+    assert "by (application_name)" in text
