@@ -26,6 +26,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-generating-after-disconnect", action="store_true",
                    help="finish generating after the client left (a gateway that does not "
                         "propagate cancellation); default: abort")
+    p.add_argument("--no-otel-disconnect", action="store_true",
+                   help="serve without DisconnectMiddleware (by default it is added as "
+                        "`vllm serve --middleware otel_disconnect.DisconnectMiddleware` would, "
+                        "and /metrics shows its otel_disconnect_* series beside vllm:*)")
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
 
@@ -39,10 +43,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         keep_generating_after_disconnect=args.keep_generating_after_disconnect,
     )
     import uvicorn
+    from prometheus_client import REGISTRY
 
     from .app import create_app
+    from .engine import Simulator
 
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    # One registry for the vllm:* series and the middleware's: one /metrics, one scrape job.
+    app = create_app(simulator=Simulator(config, registry=REGISTRY),
+                     instrument=not args.no_otel_disconnect)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 if __name__ == "__main__":

@@ -154,8 +154,13 @@ def _error(message: str, status: int = 400) -> JSONResponse:
                         status_code=status)
 
 
-def create_app(config: SimConfig | None = None, simulator: Simulator | None = None) -> Starlette:
-    """The simulator app; ``app.state.sim`` is the :class:`Simulator` (ground truth, metrics)."""
+def create_app(config: SimConfig | None = None, simulator: Simulator | None = None, *,
+               instrument: bool = False) -> Starlette:
+    """The simulator app; ``app.state.sim`` is the :class:`Simulator` (ground truth, metrics).
+
+    ``instrument=True`` adds ``DisconnectMiddleware`` the way ``vllm serve --middleware`` does
+    (``app.add_middleware(cls)``, default options, so its metrics go to the global registry).
+    """
     sim = simulator or Simulator(config)
 
     async def completions(request: Request, chat: bool) -> Response:
@@ -213,4 +218,8 @@ def create_app(config: SimConfig | None = None, simulator: Simulator | None = No
         Route("/health", health),
     ])
     app.state.sim = sim
+    if instrument:
+        from ..middleware import DisconnectMiddleware
+
+        app.add_middleware(DisconnectMiddleware)  # type: ignore[arg-type]
     return app

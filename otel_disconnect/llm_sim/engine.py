@@ -14,6 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from ..llm.tokens import record_tokens
 from .metrics import SimMetrics
 
 MAX_RECORDS = 10_000
@@ -29,6 +30,9 @@ class SimConfig:
     max_num_seqs: int = 256  # requests generating at once; the rest wait
     kv_cache_tokens: int = 65_536
     keep_generating_after_disconnect: bool = False
+    # Count each generated token with record_tokens(), as an engine integration would: with the
+    # middleware in front, tokens generated for a client that left are counted exactly.
+    record_tokens: bool = True
     idle_watts: float = 70.0
     watts_per_request: float = 25.0
     max_watts: float = 400.0
@@ -193,5 +197,7 @@ class Simulator:
             self.kv_tokens += 1
             self.metrics.generation_tokens.inc()
             self._load()
+            if c.record_tokens:
+                record_tokens(1, model=c.model)
             generation.queue.put_nowait(f"tok{i} ")
         return generation.reason

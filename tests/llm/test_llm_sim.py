@@ -122,6 +122,11 @@ def test_python_dash_m_runs_the_server() -> None:
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
                            json={"model": "m-cli", "prompt": "p"}).json()
         assert reply["choices"][0]["text"] == "tok0 tok1 tok2 "
+        # Served as vLLM with --middleware: one /metrics with both families of series.
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'vllm:generation_tokens_total{engine="0",model_name="m-cli"} 3.0' in text
+        assert ('otel_disconnect_llm_tokens_total{model="m-cli",route="/v1/completions"} 3.0'
+                in text)
     finally:
         proc.terminate()
         try:
@@ -129,3 +134,34 @@ def test_python_dash_m_runs_the_server() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_instrumented_simulator_counts_tokens_generated_for_nobody() -> None:
+    """``instrument=True`` adds the middleware as ``vllm serve --middleware`` does (default
+    registry); the engine's record_tokens() counts what it generates after the client left."""
+    from prometheus_client import REGISTRY
+
+    from otel_disconnect.llm_sim import SimConfig, Simulator, create_app
+    from otel_disconnect.telemetry.metrics import metrics_for
+
+    from ..servers import serve
+
+    labels = {"route": "/v1/chat/completions", "model": "m-waste"}
+
+    def value(name: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    metrics_for(None)  # the middleware's metrics exist before the first read
+    before = {n: value(n) for n in ("otel_disconnect_llm_tokens_total",
+                                    "otel_disconnect_llm_tokens_after_disconnect_total")}
+    sim = Simulator(SimConfig(ttft=0.0, tokens_per_second=200, max_tokens=80, model="m-waste",
+                              keep_generating_after_disconnect=True))
+    with serve(create_app(simulator=sim, instrument=True), "uvicorn-h11") as server:
+        _stream_and_leave(server.port, "w")
+        record = wait_for(lambda: (r := sim.find("w")) is not None and r.done and r)
+        wait_for(lambda: value("otel_disconnect_llm_tokens_total")
+                 - before["otel_disconnect_llm_tokens_total"] == 80)
+    after = value("otel_disconnect_llm_tokens_after_disconnect_total")
+    after -= before["otel_disconnect_llm_tokens_after_disconnect_total"]
+    assert record.generated == 80
+    assert abs(after - record.generated_after_disconnect) <= 1

@@ -16,7 +16,8 @@ from .helpers import close_to, post_json, read_tokens, server_span, token_metric
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_stream_cut_after_k_tokens(path: str, telemetry: Telemetry) -> None:
-    sim = Simulator(SimConfig(ttft=0.0, tokens_per_second=40, max_tokens=400, model="m-stream"))
+    sim = Simulator(SimConfig(ttft=0.0, tokens_per_second=40, max_tokens=400, model="m-stream",
+                              record_tokens=False))
     app = instrument_app(create_app(simulator=sim), **telemetry.options())
     body: dict[str, Any] = {"model": "m-stream", "stream": True, "user": "cut"}
     body["messages" if "chat" in path else "prompt"] = (
@@ -45,7 +46,8 @@ def test_stream_cut_after_k_tokens(path: str, telemetry: Telemetry) -> None:
 
 
 def test_completed_stream_with_usage_chunk_is_exact(telemetry: Telemetry) -> None:
-    sim = Simulator(SimConfig(ttft=0.0, tokens_per_second=2000, max_tokens=30, model="m-usage"))
+    sim = Simulator(SimConfig(ttft=0.0, tokens_per_second=2000, max_tokens=30, model="m-usage",
+                              record_tokens=False))
     app = instrument_app(create_app(simulator=sim), **telemetry.options())
     with serve(app, "uvicorn-h11") as server, RawClient(server.port) as client:
         post_json(client, "/v1/chat/completions", {
@@ -61,7 +63,8 @@ def test_completed_stream_with_usage_chunk_is_exact(telemetry: Telemetry) -> Non
 
 
 def test_json_response_usage_counts_without_a_disconnect(telemetry: Telemetry) -> None:
-    sim = Simulator(SimConfig(ttft=0.0, tokens_per_second=2000, max_tokens=50, model="m-json"))
+    sim = Simulator(SimConfig(ttft=0.0, tokens_per_second=2000, max_tokens=50, model="m-json",
+                              record_tokens=False))
     app = instrument_app(create_app(simulator=sim), **telemetry.options())
     with serve(app, "uvicorn-h11") as server, RawClient(server.port) as client:
         post_json(client, "/v1/completions", {"model": "m-json", "prompt": "a b", "max_tokens": 12})

@@ -123,7 +123,8 @@ def _disconnects(telemetry: Telemetry, phase: str) -> float:
 
 
 def test_streaming_cut_short(telemetry: Telemetry) -> None:
-    engine = Simulator(SimConfig(ttft=0.0, tokens_per_second=40, max_tokens=400))
+    engine = Simulator(SimConfig(ttft=0.0, tokens_per_second=40, max_tokens=400,
+                                 record_tokens=False))
     with serve(build_vllm_like(engine, telemetry), "uvicorn-httptools") as server, \
             RawClient(server.port) as client:
         post_json(client, ROUTE, _request("s", stream=True))
@@ -141,14 +142,16 @@ def test_streaming_cut_short(telemetry: Telemetry) -> None:
 
 
 def test_non_streaming_completed_and_cancelled(telemetry: Telemetry) -> None:
-    engine = Simulator(SimConfig(ttft=0.0, tokens_per_second=1000, max_tokens=40))
+    engine = Simulator(SimConfig(ttft=0.0, tokens_per_second=1000, max_tokens=40,
+                                 record_tokens=False))
     app = build_vllm_like(engine, telemetry)
     with serve(app, "uvicorn-httptools") as server:
         with RawClient(server.port) as client:
             post_json(client, ROUTE, _request("done", stream=False))
             client.read_until(b'"total_tokens"')
         wait_for(lambda: token_metrics(telemetry, ROUTE, "m-vllm")["total"] == 40)
-        slow = Simulator(SimConfig(ttft=0.0, tokens_per_second=20, max_tokens=400))
+        slow = Simulator(SimConfig(ttft=0.0, tokens_per_second=20, max_tokens=400,
+                                   record_tokens=False))
         engine.config = slow.config  # the next request generates slowly
         with RawClient(server.port) as client:
             post_json(client, ROUTE, _request("gone", stream=False))
