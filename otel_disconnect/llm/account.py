@@ -26,6 +26,7 @@ the metrics directly, never the ended span.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from typing import Any
@@ -315,14 +316,14 @@ class TokenAccount:
         except RuntimeError:
             self._observe(detected)  # a worker thread: no timer, observe what we know now
             return
-        self._timer = loop.call_later(IDLE_S, self._idle_check, loop, detected)
+        self._timer = _later(loop, IDLE_S, self._idle_check, detected)
 
     def _idle_check(self, loop: asyncio.AbstractEventLoop, detected: float) -> None:
         last = self.last_token_perf
         quiet = time.perf_counter() - (last if last is not None else detected)
         if quiet < IDLE_S or (self.open_streams > 0 and quiet < STALLED_S):
             delay = IDLE_S - quiet if quiet < IDLE_S else IDLE_S
-            self._timer = loop.call_later(delay, self._idle_check, loop, detected)
+            self._timer = _later(loop, delay, self._idle_check, detected)
             return
         self._timer = None
         self._observe(detected)
@@ -336,6 +337,11 @@ class TokenAccount:
         self.metrics.llm_generation_after_disconnect.labels(
             self.route or "unmatched", self.model_label or "unknown"
         ).observe(seconds)
+
+
+def _later(loop: asyncio.AbstractEventLoop, delay: float, callback: Any, detected: float) -> Any:
+    # An empty context: the timer must not keep the request's context (and its state) alive.
+    return loop.call_later(delay, callback, loop, detected, context=contextvars.Context())
 
 
 def account_for(state: RequestState) -> TokenAccount:
