@@ -34,8 +34,8 @@ def _build() -> None:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
     subprocess.run(
         [str(_python()), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "-e", f"{ROOT}[demo]", REQUIREMENT, "pytest>=8", "pytest-timeout>=2.3", "pytest-asyncio>=0.23",
-         "aiosqlite>=0.20"],
+         "-e", f"{ROOT}[demo]", REQUIREMENT, "pytest>=8", "pytest-timeout>=2.3",
+         "pytest-asyncio>=0.23", "aiosqlite>=0.20"],
         check=True, timeout=900,
     )
     marker.write_text(stamp)
