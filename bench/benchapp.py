@@ -1,6 +1,7 @@
 """The benchmarked app, one variant per server process, chosen by ``BENCH_VARIANT``.
 
-Serve it with any ASGI server as ``benchapp:app`` (``bench/`` on ``PYTHONPATH``):
+Servers serve ``served:app`` (``bench/`` on ``PYTHONPATH``), so importing this module builds
+nothing. The variants:
 
 - ``bare``: FastAPI, no instrumentation;
 - ``otel``: ``FastAPIInstrumentor.instrument_app`` with an SDK TracerProvider whose
@@ -104,7 +105,6 @@ def create_app(variant: str) -> FastAPI:
         from naive import NaiveDisconnectMiddleware
 
         app.add_middleware(NaiveDisconnectMiddleware)
-    gc.callbacks.append(_on_gc)
     return app
 
 
@@ -160,4 +160,9 @@ def _detection_routes(app: FastAPI) -> None:
         return {"disconnected_at": t.disconnected_at}
 
 
-app = create_app(os.environ.get("BENCH_VARIANT", "bare"))
+def server_app() -> FastAPI:
+    """The app a benchmark server serves (through served.py): the variant ``BENCH_VARIANT``
+    names, with the GC accounting ``/_bench/stats`` reports."""
+    app = create_app(os.environ.get("BENCH_VARIANT", "bare"))
+    gc.callbacks.append(_on_gc)
+    return app

@@ -110,9 +110,11 @@ def overhead(args: argparse.Namespace) -> dict[tuple[str, str], list[dict[str, f
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     with ExitStack() as stack:
         servers = {}
-        for variant in args.variants:
+        for variant in args.variants:  # started together: four imports of FastAPI take a while
             servers[variant] = Server(variant, "uvicorn-httptools", server_pin)
             stack.callback(servers[variant].stop)
+        for server in servers.values():
+            server.wait_ready()
         warm = argparse.Namespace(**{**vars(args), "duration": args.warmup})
         for variant in args.variants:
             for path in args.routes:
@@ -248,7 +250,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = argv
     if args.quick:
-        args.duration, args.rounds, args.warmup = 1.0, 1, 0.3
+        args.duration, args.rounds, args.warmup = 0.5, 1, 0.2
         args.detection_trials = min(args.detection_trials, 5)
         args.detection_servers = args.detection_servers[:1]
     if args.loadgen == "auto":
@@ -264,17 +266,25 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results = {} if args.skip_overhead else overhead(args)
     detection: list[dict[str, Any]] = []
+    failures: list[str] = []
     if not args.skip_detection:
         server_pin, _ = cpu_sets() if args.pin else ([], [])
         for kind in args.detection_servers:
-            detection.append(measure_detection(kind, args.detection_trials, server_pin))
+            try:
+                detection.append(measure_detection(kind, args.detection_trials, server_pin))
+            except Exception as exc:  # report the others; fail at the end
+                failures.append(f"{kind}: {exc}")
+                _progress(f"detection {kind} FAILED: {exc}")
+                continue
             _progress(f"detection {kind}: p50 {detection[-1]['p50_ms']:.2f} ms, "
                       f"p99 {detection[-1]['p99_ms']:.2f} ms")
     text = report(args, results, detection, env)
+    if failures:
+        text += "\nFailed:\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
     print(text)
     args.output.write_text(text + "\n", encoding="utf-8")
     _progress(f"wrote {args.output} in {time.monotonic() - started:.0f} s")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

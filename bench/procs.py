@@ -1,6 +1,6 @@
 """Benchmark servers as real processes (one per variant and server), pinned to a CPU when we can.
 
-Each process serves ``benchapp:app``; ``/_bench/stats`` tells its CPU time, so the figure is the
+Each process serves ``served:app``; ``/_bench/stats`` tells its CPU time, so the figure is the
 worker's own even when the server forks (Granian).
 """
 
@@ -44,17 +44,17 @@ def _command(kind: str, port: int) -> list[str]:
     py = sys.executable
     if kind.startswith("uvicorn-"):
         return [
-            py, "-m", "uvicorn", "benchapp:app", "--host", "127.0.0.1", "--port", str(port),
+            py, "-m", "uvicorn", "served:app", "--host", "127.0.0.1", "--port", str(port),
             "--no-access-log", "--log-level", "warning", "--http", kind.split("-", 1)[1],
             "--loop", "uvloop", "--lifespan", "off",
         ]
     if kind == "hypercorn":
         return [py, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
-                "benchapp:app"]
+                "served:app"]
     if kind == "granian":
         exe = Path(py).with_name("granian")
         return [str(exe), "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
-                "--workers", "1", "--log-level", "warning", "benchapp:app"]
+                "--workers", "1", "--log-level", "warning", "served:app"]
     raise ValueError(f"unknown server {kind!r}; expected one of {SERVER_KINDS}")
 
 
@@ -71,16 +71,15 @@ class Server:
             [*(pin or []), *_command(kind, self.port)], cwd=HERE, env=env,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        self._wait_ready(timeout=30)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 60) -> Server:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} ({self.variant}) exited at start-up:\n{self.output()}")
             try:
                 self.stats()
-                return
+                return self
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
@@ -118,6 +117,7 @@ def running(variant: str, kind: str = "uvicorn-httptools",
             pin: list[str] | None = None) -> Iterator[Server]:
     server = Server(variant, kind, pin)
     try:
+        server.wait_ready()
         yield server
     finally:
         server.stop()
