@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import time
+from typing import Any
 
 
 async def _read_response(reader: asyncio.StreamReader) -> None:
@@ -63,7 +64,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-async def run(port: int, path: str, connections: int, duration: float) -> dict[str, float]:
+async def run(port: int, path: str, connections: int, duration: float) -> dict[str, Any]:
     request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
     latencies: list[float] = []
     errors: list[str] = []

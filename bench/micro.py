@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchapp import VARIANTS, create_app  # noqa: E402
+from benchapp import VARIANTS, create_app
 
 _REQUEST = {"type": "http.request", "body": b"", "more_body": False}
 
@@ -125,7 +125,7 @@ def main() -> None:
             results[variant].append(loop.run_until_complete(drive(apps[variant], args.path,
                                                                   args.requests)) * 1e6)
     base = results.get("otel")
-    print(f"| variant | CPU µs/req {args.path} (median, min–max of {args.rounds}) | vs otel "
+    print(f"| variant | CPU µs/req {args.path} (median [min, max] of {args.rounds}) | vs otel "
           "| cyclic garbage objects/req |")
     print("|---|---:|---:|---:|")
     for variant, values in results.items():
@@ -134,8 +134,8 @@ def main() -> None:
             diffs = [v - b for v, b in zip(values, base, strict=True)]
             added = f"{statistics.median(diffs):+.1f} µs"
         garbage = garbage_per_request(apps[variant], args.path)
-        print(f"| {variant} | {statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
-              f" | {added} | {garbage:.1f} |")
+        spread = f"[{min(values):.1f}, {max(values):.1f}]"
+        print(f"| {variant} | {statistics.median(values):.1f} {spread} | {added} | {garbage:.1f} |")
 
 
 if __name__ == "__main__":

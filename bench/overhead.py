@@ -14,8 +14,8 @@ the requests wrk completed. Then detection latency (detection.py) on each server
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
-import json
 import os
 import platform
 import re
@@ -31,9 +31,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchapp import VARIANTS  # noqa: E402
-from detection import measure as measure_detection  # noqa: E402
-from procs import HERE, SERVER_KINDS, Server, cpu_sets  # noqa: E402
+import loadgen
+from benchapp import VARIANTS
+from detection import measure as measure_detection
+from procs import HERE, SERVER_KINDS, Server, cpu_sets
 
 ROUTES = ("/hello", "/stream")
 BASELINE, CANDIDATE, NAIVE = "otel", "otel+disconnect", "otel+naive"
@@ -71,8 +72,8 @@ def parse_wrk(output: str) -> dict[str, float]:
     }
 
 
-def run_load(kind: str, url_port: int, path: str, seconds: float, connections: int,
-             pin: list[str]) -> dict[str, float]:
+def run_load(kind: str, url_port: int, path: str, seconds: float, *, connections: int,
+             pin: list[str]) -> dict[str, Any]:
     if kind == "wrk":
         out = subprocess.run(
             [*pin, "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
@@ -80,13 +81,8 @@ def run_load(kind: str, url_port: int, path: str, seconds: float, connections: i
             check=True, capture_output=True, text=True, timeout=seconds + 60,
         ).stdout
         return parse_wrk(out)
-    out = subprocess.run(
-        [*pin, sys.executable, str(HERE / "loadgen.py"), "--port", str(url_port), "--path", path,
-         "--connections", str(connections), "--duration", str(seconds)],
-        check=True, capture_output=True, text=True, timeout=seconds + 60,
-    ).stdout
-    result: dict[str, float] = json.loads(out)
-    return result
+    # In this process (pinned like wrk, see main()): it is idle while the load runs.
+    return asyncio.run(loadgen.run(url_port, path, connections, seconds))
 
 
 # -- one load phase ---------------------------------------------------------------------------
@@ -94,7 +90,8 @@ def run_load(kind: str, url_port: int, path: str, seconds: float, connections: i
 
 def phase(server: Server, path: str, args: argparse.Namespace, pin: list[str]) -> dict[str, float]:
     before = server.stats()
-    load = run_load(args.loadgen, server.port, path, args.duration, args.connections, pin)
+    load = run_load(args.loadgen, server.port, path, args.duration,
+                    connections=args.connections, pin=pin)
     after = server.stats()
     n = max(1, load["requests"])
     return {
@@ -116,7 +113,7 @@ def overhead(args: argparse.Namespace) -> dict[tuple[str, str], list[dict[str, f
         for server in servers.values():
             server.wait_ready()
         warm = argparse.Namespace(**{**vars(args), "duration": args.warmup})
-        for variant in args.variants:
+        for variant in args.variants if args.warmup > 0 else ():
             for path in args.routes:
                 phase(servers[variant], path, warm, load_pin)
         for r in range(args.rounds):
@@ -126,8 +123,9 @@ def overhead(args: argparse.Namespace) -> dict[tuple[str, str], list[dict[str, f
                     result = phase(servers[variant], path, args, load_pin)
                     results.setdefault((path, variant), []).append(result)
                     _progress(f"round {r + 1}/{args.rounds} {path:8} {variant:16} "
-                              f"{result['cpu_us']:7.1f} us/req  {result['requests_per_s']:8.0f} req/s"
-                              f"  p99 {result['p99_ms']:.2f} ms")
+                              f"{result['cpu_us']:7.1f} us/req "
+                              f"{result['requests_per_s']:8.0f} req/s "
+                              f"p99 {result['p99_ms']:.2f} ms")
     return results
 
 
@@ -143,7 +141,7 @@ def _med(values: list[float]) -> float:
 
 
 def _spread(values: list[float], fmt: str) -> str:
-    return f"{_med(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+    return f"{_med(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
 
 
 def overhead_tables(results: dict[tuple[str, str], list[dict[str, float]]],
@@ -163,7 +161,8 @@ def overhead_tables(results: dict[tuple[str, str], list[dict[str, float]]],
                 f"| {_spread(col['p99_ms'], '.2f')} | {_med(col['gc_objects']):.2f} "
                 f"| {_med(col['gc_pause_us']):.2f} |"
             )
-    lines += ["", "Added to the OpenTelemetry-instrumented app (paired per round; median, range):", "",
+    lines += ["", "Added to the OpenTelemetry-instrumented app (paired per round; median [range]):",
+              "",
               "| route | middleware | added µs/req | ratio to `otel` | target ≤ 1.05 |",
               "|---|---|---:|---:|:---:|"]
     for path in args.routes:
@@ -173,7 +172,9 @@ def overhead_tables(results: dict[tuple[str, str], list[dict[str, float]]],
             pairs = list(zip(results[(path, BASELINE)], results[(path, variant)], strict=True))
             added = [v["cpu_us"] - b["cpu_us"] for b, v in pairs]
             ratio = [v["cpu_us"] / b["cpu_us"] for b, v in pairs]
-            verdict = ("yes" if _med(ratio) <= TARGET_RATIO else "**no**") if variant == CANDIDATE else "—"
+            verdict = "-"
+            if variant == CANDIDATE:
+                verdict = "yes" if _med(ratio) <= TARGET_RATIO else "**no**"
             lines.append(f"| `{path}` | {variant} | {_spread(added, '+.1f')} "
                          f"| {_spread(ratio, '.3f')} | {verdict} |")
     return lines
@@ -205,13 +206,13 @@ def environment(args: argparse.Namespace) -> str:
          "opentelemetry-instrumentation-fastapi")
     )
     load = (f"wrk -t1 -c{args.connections}" if args.loadgen == "wrk"
-            else f"Python fallback load generator (bench/loadgen.py), {args.connections} connections"
-                 " — not comparable with wrk figures")
+            else f"Python fallback load generator (bench/loadgen.py), {args.connections} "
+                 "connections, not comparable with wrk figures")
     return (
         f"{datetime.date.today().isoformat()}, Python {platform.python_version()} on "
         f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.2f} at start; {versions}. Load: {load}, "
-        f"{args.rounds} rounds × {args.duration:g} s per variant and route, interleaved; {pins}."
+        f"{args.rounds} rounds of {args.duration:g} s per variant and route, interleaved; {pins}."
     )
 
 
@@ -230,8 +231,8 @@ def report(args: argparse.Namespace, results: Any, detection: list[dict[str, Any
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load phase")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per load phase")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per server")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
@@ -250,18 +251,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = argv
     if args.quick:
-        args.duration, args.rounds, args.warmup = 0.5, 1, 0.2
+        args.duration, args.rounds, args.warmup = 0.3, 1, 0.0
         args.detection_trials = min(args.detection_trials, 5)
         args.detection_servers = args.detection_servers[:1]
     if args.loadgen == "auto":
         args.loadgen = "wrk" if shutil.which("wrk") else "python"
         if args.loadgen == "python":
-            _progress("wrk not found: using the Python load generator (install wrk for real figures)")
+            _progress("wrk not found: using the Python load generator (install wrk for figures)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _, load_pin = cpu_sets() if args.pin else ([], [])
+    if load_pin and args.loadgen == "python":
+        os.sched_setaffinity(0, {int(load_pin[-1])})  # the Python load generator runs here
     env = environment(args)
     started = time.monotonic()
     results = {} if args.skip_overhead else overhead(args)

@@ -66,7 +66,7 @@ class Server:
         env = dict(os.environ, BENCH_VARIANT=variant, PYTHONPATH=os.pathsep.join(
             p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p))
         # A file, not a pipe: a chatty server must never block on a full pipe mid-benchmark.
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [*(pin or []), *_command(kind, self.port)], cwd=HERE, env=env,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -76,14 +76,16 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} ({self.variant}) exited at start-up:\n{self.output()}")
+                raise RuntimeError(
+                    f"{self.kind} ({self.variant}) exited at start-up:\n{self.output()}")
             try:
                 self.stats()
                 return self
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"{self.kind} ({self.variant}) not ready in {timeout}s") from None
+                    raise RuntimeError(
+                        f"{self.kind} ({self.variant}) not ready in {timeout}s") from None
                 time.sleep(0.05)
 
     def url(self, path: str) -> str:

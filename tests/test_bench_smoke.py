@@ -24,7 +24,8 @@ def test_overhead_quick_run(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, str(BENCH / "overhead.py"), "--quick", "--loadgen", "python",
          "--output", str(output)],
-        capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONWARNINGS="error"),
+        check=False, capture_output=True, text=True, timeout=180,
+        env=dict(os.environ, PYTHONWARNINGS="error"),
     )
     assert run.returncode == 0, run.stderr[-3000:]
     text = output.read_text()
@@ -56,5 +57,5 @@ def test_no_reference_cycles_per_request(micro: Any, path: str) -> None:
     baseline = micro.garbage_per_request(micro.create_app("otel"), path)
     with_middleware = micro.garbage_per_request(micro.create_app("otel+disconnect"), path)
     assert with_middleware <= baseline, (
-        f"otel-disconnect leaves {with_middleware - baseline:.1f} cyclic garbage objects per request"
+        f"otel-disconnect adds {with_middleware - baseline:.1f} cyclic garbage objects per request"
     )
