@@ -208,10 +208,15 @@ def environment(args: argparse.Namespace) -> str:
     load = (f"wrk -t1 -c{args.connections}" if args.loadgen == "wrk"
             else f"Python fallback load generator (bench/loadgen.py), {args.connections} "
                  "connections, not comparable with wrk figures")
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
     return (
-        f"{datetime.date.today().isoformat()}, Python {platform.python_version()} on "
-        f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.2f} at start; {versions}. Load: {load}, "
+        f"{datetime.date.today().isoformat()}, commit {commit}, "
+        f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at start; {versions}. Load: {load}, "
         f"{args.rounds} rounds of {args.duration:g} s per variant and route, interleaved; {pins}."
     )
 
