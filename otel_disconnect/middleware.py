@@ -97,7 +97,7 @@ class _Cycle:
         self.tokens: Any = None  # counts an OpenAI-compatible response body (llm.response_tokens)
         self.state = RequestState(scope, trace.get_current_span())
         self.pump = ReceivePump(receive, self.observe)
-        self.recorder.start(self.state)
+        self.recorder.metrics.inflight_connected.inc()
         if scope.get("method") in _BODYLESS or not _expects_continue(scope):
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
             # reject the request unread; with that header, the app's first receive() goes first.
@@ -173,7 +173,7 @@ class _Cycle:
             final = not message.get("more_trailers", False)
         elif kind in ("http.response.pathsend", "http.response.zerocopysend"):
             final = not message.get("more_body", False)
-        if final and self.retries:  # a non-empty tracker: someone disconnected lately
+        if final and self.retries.entries:  # someone disconnected lately: is this a retry?
             self.check_retry()  # before the final body: the server span ends with it
         if self.tokens is not None and kind == "http.response.body":
             self.count_tokens(message, final)
@@ -271,7 +271,7 @@ class _Cycle:
                     state.set_outcome("cancelled")
                 else:
                     state.set_outcome("completed")
-            if self.retries:
+            if self.retries.entries:
                 self.check_retry()
             if state.detected_perf is not None and self.retries.enabled:
                 self.remember_disconnect()
