@@ -9,6 +9,7 @@ from .db.pg_activity import PgActivityCollector
 from .errors import ClientDisconnected
 from .exposition import metrics_app
 from .instrumentor import DisconnectInstrumentor, instrument_app
+from .llm import record_tokens
 from .middleware import DisconnectMiddleware
 from .state import RequestState, client_state, current
 from .version import __version__
@@ -27,4 +28,5 @@ __all__ = [
     "instrument_engine",
     "metrics_app",
     "protect",
+    "record_tokens",
 ]

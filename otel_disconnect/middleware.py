@@ -17,6 +17,8 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config, options_from
 from .errors import ClientDisconnected
 from .failsafe import internal_error
+from .llm import instrument_upstreams
+from .llm.response_tokens import observer_for
 from .receive_pump import ReceivePump
 from .retry import BodyDigest, RetryTracker, fingerprint
 from .routes import route_template
@@ -41,6 +43,11 @@ class DisconnectMiddleware:
         self.recorder = Recorder(metrics_for(self.config.registry))
         # Shared by this middleware's requests: digests of recently disconnected requests.
         self.retries = RetryTracker(self.config.retry_window_s)
+        if self.config.count_tokens == "auto":
+            try:
+                instrument_upstreams()  # LLM gateways: count what they read from upstream
+            except Exception:
+                internal_error("instrument_upstreams", self.config.registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,6 +80,7 @@ class _Cycle:
         "scope",
         "send_downstream",
         "state",
+        "tokens",
         "trailers",
     )
 
@@ -86,9 +94,10 @@ class _Cycle:
         self.scope = scope
         self.send_downstream = send
         self.trailers = False
+        self.tokens: Any = None  # counts an OpenAI-compatible response body (llm.response_tokens)
         self.state = RequestState(scope, trace.get_current_span())
         self.pump = ReceivePump(receive, self.observe)
-        self.recorder.start(self.state)
+        self.recorder.metrics.inflight_connected.inc()
         if scope.get("method") in _BODYLESS or not _expects_continue(scope):
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
             # reject the request unread; with that header, the app's first receive() goes first.
@@ -158,12 +167,19 @@ class _Cycle:
         elif kind == "http.response.start":
             state.response_started = True
             self.trailers = bool(message.get("trailers", False))
+            if self.config.count_tokens == "auto":
+                self.count_tokens(message, False)
         elif kind == "http.response.trailers":
             final = not message.get("more_trailers", False)
         elif kind in ("http.response.pathsend", "http.response.zerocopysend"):
             final = not message.get("more_body", False)
-        if final and self.retries:  # a non-empty tracker: someone disconnected lately
+        if final and self.retries.entries:  # someone disconnected lately: is this a retry?
             self.check_retry()  # before the final body: the server span ends with it
+        if self.tokens is not None and kind == "http.response.body":
+            self.count_tokens(message, final)
+        if final and state.extras and state.detected_perf is None:
+            # Token counts of a normal request: the server span ends right after this message.
+            self.write_span_now()
         if state.detected_perf is not None:
             self.count_dropped(message, final)
             if self.config.raise_on_send_after_disconnect:
@@ -178,6 +194,24 @@ class _Cycle:
         if final:
             state.response_complete = True
             self.pump.close()
+
+    def count_tokens(self, message: Message, final: bool) -> None:
+        """OpenAI-compatible responses: tokens in chunks sent before detection were delivered."""
+        try:
+            if message["type"] == "http.response.start":
+                self.tokens = observer_for(self.state, message)
+            else:
+                delivered = self.state.detected_perf is None
+                self.tokens.feed(message.get("body", b""), delivered, final)
+        except Exception:
+            self.tokens = None
+            internal_error("count_tokens", self.config.registry)
+
+    def write_span_now(self) -> None:
+        try:
+            self.recorder.write_span(self.state, time.perf_counter())
+        except Exception:
+            internal_error("send", self.config.registry)
 
     def count_dropped(self, message: Message, final: bool) -> None:
         try:
@@ -237,7 +271,7 @@ class _Cycle:
                     state.set_outcome("cancelled")
                 else:
                     state.set_outcome("completed")
-            if self.retries:
+            if self.retries.entries:
                 self.check_retry()
             if state.detected_perf is not None and self.retries.enabled:
                 self.remember_disconnect()

@@ -50,15 +50,24 @@ def _unwrap(receive: Receive) -> Receive:
         receive = inner
 
 
+_drivable_by_type: dict[type, bool] = {}
+
+
 def _drivable(receive: Receive) -> bool:
     """True when ``receive`` is a server's own, which only awaits asyncio-style futures."""
     owner = getattr(receive, "__self__", None)
     if owner is None:
         return False
-    if isinstance(owner, asyncio.Queue):  # Hypercorn hands the app ``app_queue.get``
-        return True
-    module = type(owner).__module__ or ""
-    return module.startswith(("uvicorn.", "granian."))
+    kind = type(owner)
+    found = _drivable_by_type.get(kind)
+    if found is None:
+        # Hypercorn hands the app ``app_queue.get``; uvicorn and Granian their protocol's method.
+        found = isinstance(owner, asyncio.Queue) or (kind.__module__ or "").startswith(
+            ("uvicorn.", "granian.")
+        )
+        if len(_drivable_by_type) < 64:
+            _drivable_by_type[kind] = found
+    return found
 
 
 class ReceivePump:

@@ -59,39 +59,41 @@ def fingerprint(scope: Scope, route: str, body: BodyDigest | None) -> bytes:
 class RetryTracker:
     """Fingerprints of recently disconnected requests. One per middleware, shared by requests."""
 
-    __slots__ = ("_entries", "max_entries", "window_s")
+    __slots__ = ("entries", "max_entries", "window_s")
 
     def __init__(self, window_s: float, max_entries: int = MAX_ENTRIES) -> None:
         self.window_s = window_s
         self.max_entries = max_entries
-        self._entries: OrderedDict[bytes, float] = OrderedDict()
+        self.entries: OrderedDict[bytes, float] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
         return self.window_s > 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
+
+    # Callers on the hot path test ``tracker.entries`` (a dict, truthy when non-empty) directly.
 
     def remember(self, fp: bytes, now: float | None = None) -> None:
         """A request with this fingerprint just disconnected."""
         now = time.monotonic() if now is None else now
-        self._entries[fp] = now
-        self._entries.move_to_end(fp)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self.entries[fp] = now
+        self.entries.move_to_end(fp)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
 
     def is_retry(self, fp: bytes, now: float | None = None) -> bool:
         """True when ``fp`` disconnected within the window (checked before ``remember``)."""
-        if not self._entries:
+        if not self.entries:
             return False
         now = time.monotonic() if now is None else now
         self._expire(now)
-        seen = self._entries.get(fp)
+        seen = self.entries.get(fp)
         return seen is not None and now - seen <= self.window_s
 
     def _expire(self, now: float) -> None:
-        entries = self._entries
+        entries = self.entries
         while entries:
             _, seen = next(iter(entries.items()))
             if now - seen <= self.window_s:

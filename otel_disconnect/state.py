@@ -40,6 +40,7 @@ class RequestState:
         "ended",
         "extras",
         "method",
+        "metrics",
         "protected_section",
         "response_complete",
         "response_started",
@@ -72,6 +73,9 @@ class RequestState:
         self.retry_of_disconnected = False
         # Token and database accounting hang their per-request objects here, keyed by module.
         self.extras: dict[str, Any] | None = None
+        # The Metrics of the middleware that saw this request, for counts that arrive after it
+        # ended (a producer task's tokens); set by the recorder at a disconnect.
+        self.metrics: Any = None
         self._disconnected_at: float | None = None
         self._detected_by: str | None = None
         self._outcome: str | None = None

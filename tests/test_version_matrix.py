@@ -68,6 +68,12 @@ def _venv(name: str, python: str, pins: list[str]) -> Path:
     return venv
 
 
+# The detection, transparency and cancellation suites: the behaviour that differs by server,
+# framework and Python version.
+SUITES = ["tests/test_detection.py", "tests/test_transparency.py", "tests/test_cancellation.py"]
+
+
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", sorted(COMBINATIONS))
 def test_detection_suite_on_supported_versions(name: str) -> None:
     version, pins = COMBINATIONS[name]
@@ -83,6 +89,7 @@ def test_detection_suite_on_supported_versions(name: str) -> None:
             str(venv / "bin" / "python"),
             "-m",
             "pytest",
+            *SUITES,
             "-m",
             "matrix",
             "-q",

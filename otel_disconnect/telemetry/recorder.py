@@ -1,6 +1,6 @@
 """Turns a RequestState into span attributes and metric updates, at three moments.
 
-- start: the request is in flight (gauge);
+- start: the request is in flight (the middleware increments the gauge itself);
 - disconnect: the client left prematurely (span event, gauges, client wait);
 - end: the app task ended (counters, histograms, span attributes unless already written).
 
@@ -26,11 +26,10 @@ class Recorder:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def start(self, state: RequestState) -> None:
-        self.metrics.inflight_connected.inc()
-
     def disconnect(self, state: RequestState) -> None:
         m = self.metrics
+        # For tokens a producer counts after the request ended (llm.account): off the hot path.
+        state.metrics = m
         m.inflight_connected.dec()
         m.inflight_disconnected.inc()
         route = state.route = route_template(state.scope)
@@ -89,7 +88,7 @@ class Recorder:
         m = self.metrics
         route = state.route = route_template(state.scope)
         m.count_request(route, state.method)
-        if state.disconnected:
+        if state.detected_perf is not None:
             m.inflight_disconnected.dec()
             outcome = state.outcome or "completed"
             m.client_disconnects.labels(route, state.method, state.phase, outcome).inc()
@@ -102,7 +101,7 @@ class Recorder:
                 m.bytes_after_disconnect.labels(route).inc(state.bytes_dropped)
         else:
             m.inflight_connected.dec()
-        if state.disconnected or state.extras:
+        if state.detected_perf is not None or state.extras:
             self.write_span(state, now)
         if state.extras:
             for extra in list(state.extras.values()):

@@ -34,12 +34,14 @@ def _build() -> None:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
     subprocess.run(
         [str(_python()), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "-e", f"{ROOT}[demo]", REQUIREMENT, "pytest>=8", "pytest-timeout>=2.3", "aiosqlite>=0.20"],
+         "-e", f"{ROOT}[demo]", REQUIREMENT, "pytest>=8", "pytest-timeout>=2.3",
+         "pytest-asyncio>=0.23", "aiosqlite>=0.20"],
         check=True, timeout=900,
     )
     marker.write_text(stamp)
 
 
+@pytest.mark.timeout(1800)
 def test_database_tests_pass_on_sqlalchemy_20(pg_url: str) -> None:
     if os.environ.get("OTEL_DISCONNECT_INNER_MATRIX"):
         pytest.skip("already inside the SQLAlchemy 2.0 run")

@@ -164,7 +164,8 @@ def llm_simulator(workdir: Path) -> Iterator[int | None]:
         return
     port = free_port()
     sim = Process("llm-sim", [sys.executable, "-m", LLM_SIM, "--host", "127.0.0.1",
-                              "--port", str(port)], workdir, port)
+                              "--port", str(port), "--keep-generating-after-disconnect"],
+              workdir, port)
     try:
         sim.wait_ready("/metrics")
         yield port

@@ -1,6 +1,7 @@
 """A FastAPI app instrumented with one line, for subprocess tests (multi-process mode)."""
 
 import asyncio
+import os
 
 from fastapi import FastAPI
 
@@ -10,8 +11,8 @@ app = FastAPI()
 
 
 @app.get("/hello")
-async def hello() -> dict[str, str]:
-    return {"hello": "world"}
+async def hello() -> dict[str, int]:
+    return {"pid": os.getpid()}
 
 
 @app.get("/slow")

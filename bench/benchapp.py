@@ -1,0 +1,167 @@
+"""The benchmarked app, one variant per server process, chosen by ``BENCH_VARIANT``.
+
+Servers serve ``served:app`` (``bench/`` on ``PYTHONPATH``), so importing this module builds
+nothing. The variants:
+
+- ``bare``: FastAPI, no instrumentation;
+- ``otel``: ``FastAPIInstrumentor.instrument_app`` with an SDK TracerProvider whose
+  BatchSpanProcessor (the production processor) exports to an exporter that drops the spans;
+- ``otel+disconnect``: the same plus ``otel_disconnect.instrument_app(app, metrics_path=None)``;
+- ``otel+naive``: the same as ``otel`` plus a one-reader-task-per-request middleware.
+
+Routes: ``/hello`` (small JSON), ``/stream`` (10 small chunks), ``/wait`` + ``/started`` +
+``/result`` (detection latency, variants with otel-disconnect only), and ``/_bench/stats``
+(process CPU time and garbage-collector totals, read by the orchestrator around each load phase).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+VARIANTS = ("bare", "otel", "otel+disconnect", "otel+naive")
+STREAM_CHUNKS = 10
+WAIT_S = 10.0
+
+_gc_totals = {"collected": 0, "collections": 0, "pause_s": 0.0}
+_gc_clock = [0.0]  # perf_counter() at the start of the running collection
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    # Objects the cycle collector frees are reference cycles the request path left behind; the
+    # time it spends is the pause that shows up in the p99 tail (SPEC section 13).
+    if phase == "start":
+        _gc_clock[0] = time.perf_counter()
+        return
+    _gc_totals["collected"] += info.get("collected", 0)
+    _gc_totals["collections"] += 1
+    _gc_totals["pause_s"] += time.perf_counter() - _gc_clock[0]
+
+
+class _DropSpans:
+    """A SpanExporter that drops every span: the cost measured is the SDK's, not a backend's."""
+
+    def export(self, spans: Sequence[Any]) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def _tracer_provider() -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(_DropSpans()))  # type: ignore[arg-type]
+    return provider
+
+
+async def _chunks() -> AsyncIterator[bytes]:
+    for i in range(STREAM_CHUNKS):
+        yield b'data: {"token": %d}\n\n' % i
+
+
+def create_app(variant: str) -> FastAPI:
+    if variant not in VARIANTS:
+        raise ValueError(f"BENCH_VARIANT must be one of {VARIANTS}, got {variant!r}")
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        return {"message": "hello"}
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        return StreamingResponse(_chunks(), media_type="text/event-stream")
+
+    @app.get("/_bench/stats")
+    async def stats() -> dict[str, Any]:
+        return {"cpu_s": time.process_time(), "pid": os.getpid(), **_gc_totals}
+
+    if variant != "bare":
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=_tracer_provider())
+    if variant == "otel+disconnect":
+        import otel_disconnect
+
+        otel_disconnect.instrument_app(app, metrics_path=None)
+        _detection_routes(app)
+    elif variant == "otel+naive":
+        from naive import NaiveDisconnectMiddleware
+
+        app.add_middleware(NaiveDisconnectMiddleware)
+    return app
+
+
+class _Trial:
+    __slots__ = ("disconnected_at", "done", "started")
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.done = asyncio.Event()
+        self.disconnected_at: float | None = None
+
+
+def _detection_routes(app: FastAPI) -> None:
+    """``GET /wait?id=`` waits for its client to leave without ever calling receive();
+    ``/started?id=`` returns once that handler runs; ``/result?id=`` returns the detection time."""
+    import otel_disconnect
+
+    trials: dict[str, _Trial] = {}
+
+    def trial(key: str) -> _Trial:
+        found = trials.get(key)
+        if found is None:
+            found = trials[key] = _Trial()
+        return found
+
+    @app.get("/wait")
+    async def wait(id: str) -> dict[str, Any]:
+        t = trial(id)
+        state = otel_disconnect.current()
+        t.started.set()
+        try:
+            if state is not None:
+                await asyncio.wait_for(state.wait_disconnected(), WAIT_S)
+                t.disconnected_at = state.disconnected_at
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            t.done.set()
+        return {"disconnected_at": t.disconnected_at}
+
+    @app.get("/started")
+    async def started(id: str) -> dict[str, bool]:
+        await asyncio.wait_for(trial(id).started.wait(), WAIT_S)
+        return {"started": True}
+
+    @app.get("/result")
+    async def result(id: str) -> dict[str, Any]:
+        t = trial(id)
+        try:
+            await asyncio.wait_for(t.done.wait(), WAIT_S)
+        finally:
+            trials.pop(id, None)
+        return {"disconnected_at": t.disconnected_at}
+
+
+def server_app() -> FastAPI:
+    """The app a benchmark server serves (through served.py): the variant ``BENCH_VARIANT``
+    names, with the GC accounting ``/_bench/stats`` reports."""
+    app = create_app(os.environ.get("BENCH_VARIANT", "bare"))
+    gc.callbacks.append(_on_gc)
+    return app

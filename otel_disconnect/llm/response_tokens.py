@@ -1,0 +1,71 @@
+"""Counting the OpenAI-compatible body the app itself sends (the middleware feeds it).
+
+The middleware asks ``observer_for(state, message)`` at ``http.response.start``; for an
+uncompressed ``text/event-stream`` or ``application/json`` response it gets an observer and
+feeds it every ``http.response.body`` chunk with whether the chunk was handed to the server
+before the client left (delivered). The token account is only created once a token or a
+``usage`` object shows up, so ordinary JSON APIs keep the no-LLM path.
+"""
+
+from __future__ import annotations
+
+from .._types import Message
+from ..state import RequestState
+from .account import RESPONSE, Segment, TokenAccount, account_for
+from .openai_stream import JSONUsageParser, SSEUsageParser
+
+
+class ResponseObserver:
+    __slots__ = ("_account", "_segment", "parser", "state")
+
+    def __init__(self, state: RequestState, parser: SSEUsageParser | JSONUsageParser) -> None:
+        self.state = state
+        self.parser = parser
+        self._account: TokenAccount | None = None
+        self._segment: Segment | None = None
+
+    def _open(self) -> tuple[TokenAccount, Segment]:
+        if self._account is None or self._segment is None:
+            self._account = account_for(self.state)
+            self._segment = Segment(self.state.start_perf)
+            self._account.tally(RESPONSE).add_segment(self._segment, self.state.detected_perf)
+        return self._account, self._segment
+
+    def feed(self, body: bytes, delivered: bool, final: bool) -> None:
+        parser = self.parser
+        if isinstance(parser, SSEUsageParser):
+            n = parser.feed(body) if body else 0
+            if n:
+                account, segment = self._open()
+                account.set_model(parser.model)
+                account.counted(self.state, segment, n, delivered)
+            if parser.usage_total is not None and (
+                self._segment is None or self._segment.usage_total != parser.usage_total
+            ):
+                account, segment = self._open()
+                account.set_model(parser.model)
+                account.usage(self.state, segment, parser.usage_total)
+            return
+        parser.feed(body)
+        if final:
+            total = parser.finish()
+            if total is not None:
+                account, segment = self._open()
+                account.set_model(parser.model)
+                account.usage(self.state, segment, total)
+
+
+def observer_for(state: RequestState, message: Message) -> ResponseObserver | None:
+    """An observer for an OpenAI-compatible response, or None for anything else."""
+    content_type = b""
+    for name, value in message.get("headers") or ():
+        lower = name.lower()
+        if lower == b"content-type":
+            content_type = value.split(b";", 1)[0].strip().lower()
+        elif lower == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            return None  # compressed by an inner middleware: not worth decompressing to count
+    if content_type == b"text/event-stream":
+        return ResponseObserver(state, SSEUsageParser())
+    if content_type == b"application/json":
+        return ResponseObserver(state, JSONUsageParser())
+    return None

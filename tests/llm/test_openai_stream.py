@@ -1,0 +1,141 @@
+"""The pure parsers: known shapes, then fuzzed bytes (no exception, bounded memory, counts >= 0)."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from otel_disconnect.llm.openai_stream import JSONUsageParser, SSEUsageParser
+
+
+def _chat(content: str | None = None, **extra: object) -> bytes:
+    delta = {} if content is None else {"content": content}
+    obj = {"id": "c", "object": "chat.completion.chunk", "model": "m1",
+           "choices": [{"index": 0, "delta": delta, "finish_reason": None}], **extra}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _usage(n: int) -> bytes:
+    obj = {"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": n}}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def test_chat_chunks_count_one_token_per_content_delta() -> None:
+    parser = SSEUsageParser()
+    stream = _chat("") + _chat("a") + _chat("b") + _chat(None) + b"data: [DONE]\n\n"
+    assert parser.feed(stream) == 2
+    assert parser.model == "m1"
+    assert parser.done
+    assert parser.usage_total is None
+
+
+def test_tool_calls_and_completions_count() -> None:
+    parser = SSEUsageParser()
+    function = {"arguments": "{\""}
+    call = {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": function}]}}]}
+    text = {"choices": [{"index": 0, "text": "hi"}, {"index": 1, "text": "yo"}]}
+    data = b"".join(b"data: " + json.dumps(o).encode() + b"\r\n\r\n" for o in (call, text))
+    assert parser.feed(data) == 3
+
+
+def test_split_anywhere_gives_the_same_count() -> None:
+    stream = b"".join(_chat(f"t{i}") for i in range(20)) + _usage(21)
+    for size in (1, 2, 3, 7, 64):
+        parser = SSEUsageParser()
+        total = sum(parser.feed(stream[i : i + size]) for i in range(0, len(stream), size))
+        assert total == 20
+        assert parser.usage_total == 21
+
+
+def test_crlf_split_between_pieces_is_one_line_end() -> None:
+    parser = SSEUsageParser()
+    parser.feed(b'data: {"choices":[{"text":"a"}]}\r')
+    parser.feed(b'\ndata: {"choices":[{"text":"b"}]}\r\n\r\n')
+    # One event with two data lines (not valid JSON joined); a split "\r\n" read as two line
+    # ends would have dispatched the first line alone and counted it.
+    assert parser.counted == 0
+    assert parser.malformed == 1
+
+
+def test_continuous_usage_counts_by_cumulative_completion_tokens() -> None:
+    parser = SSEUsageParser()
+    a = _chat("ab", usage={"completion_tokens": 2})
+    b = _chat("cde", usage={"completion_tokens": 5})
+    assert parser.feed(a + b) == 5
+    assert parser.usage_total is None
+
+
+def test_giant_line_is_dropped_with_bounded_memory() -> None:
+    parser = SSEUsageParser(max_buffer=1024)
+    parser.feed(b"data: " + b"x" * 5000)
+    assert parser.buffered <= 1024
+    parser.feed(b"y" * 5000 + b"\n\n" + _chat("ok"))
+    assert parser.counted == 1
+    assert parser.malformed == 1
+
+
+def test_json_usage_small_and_large() -> None:
+    body = json.dumps({"model": "m2", "choices": [{"message": {"content": "x"}}],
+                       "usage": {"completion_tokens": 42}}).encode()
+    parser = JSONUsageParser()
+    for i in range(0, len(body), 5):
+        parser.feed(body[i : i + 5])
+    assert parser.finish() == 42
+    assert parser.model == "m2"
+    big = json.dumps({"model": "m3", "choices": [{"text": "w" * 50_000}],
+                      "usage": {"completion_tokens": 7}}).encode()
+    parser = JSONUsageParser(max_buffer=4096)
+    for i in range(0, len(big), 1000):
+        parser.feed(big[i : i + 1000])
+        assert parser.buffered <= 4096 + 8192
+    assert parser.finish() == 7
+    assert parser.model == "m3"
+
+
+def test_json_without_usage_or_not_json() -> None:
+    for body in (b'{"hello": "world"}', b"\xff\xfe{", b"[1,2]",
+                 b'{"usage": {"completion_tokens": -1}}',
+                 b'{"content": "\\"completion_tokens\\": 5"}'):
+        parser = JSONUsageParser()
+        parser.feed(body)
+        assert parser.finish() is None
+
+
+_pieces = st.lists(
+    st.one_of(
+        st.binary(max_size=300),
+        st.sampled_from([b"data: ", b"\n", b"\r\n", b"\r", b"\n\n", b"[DONE]", b"data: [DONE]\n\n",
+                         _chat("x"), _usage(3), b'data: {"choices": [{"text": 1}]}\n\n',
+                         b'data: {"usage": {"completion_tokens": "9"}}\n\n', b": ping\n\n",
+                         b'data: {"choices": [{"delta": {"tool_calls": [null, {}]}}]}\n\n']),
+        st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_pieces, st.integers(min_value=16, max_value=512))
+def test_fuzzed_sse_never_raises_and_stays_bounded(pieces: list[bytes], cap: int) -> None:
+    parser = SSEUsageParser(max_buffer=cap)
+    total = 0
+    for piece in pieces:
+        n = parser.feed(piece)
+        assert n >= 0
+        total += n
+        assert parser.buffered <= cap
+    assert parser.counted == total >= 0
+    assert parser.usage_total is None or parser.usage_total >= 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=400), max_size=30), st.integers(min_value=16, max_value=2048))
+def test_fuzzed_json_never_raises_and_stays_bounded(pieces: list[bytes], cap: int) -> None:
+    parser = JSONUsageParser(max_buffer=cap)
+    for piece in pieces:
+        parser.feed(piece)
+        assert parser.buffered <= cap + 2 * 8192
+    result = parser.finish()
+    assert result is None or result >= 0
