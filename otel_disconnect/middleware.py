@@ -75,6 +75,7 @@ class _Cycle:
         "config",
         "pump",
         "recorder",
+        "remembered",
         "retries",
         "retry_checked",
         "scope",
@@ -90,6 +91,7 @@ class _Cycle:
         self.recorder = mw.recorder
         self.retries = mw.retries
         self.retry_checked = False
+        self.remembered = False
         self.body_digest: BodyDigest | None = None
         self.scope = scope
         self.send_downstream = send
@@ -149,6 +151,11 @@ class _Cycle:
             self.recorder.disconnect(state)
         except Exception:
             internal_error("disconnect", self.config.registry)
+        if self.retries.enabled and state.body_complete:
+            # Remember it now, not when it ends: its retry usually arrives while this request
+            # still runs as a zombie. Checked first, so it never matches itself.
+            self.check_retry()
+            self.remember_disconnect()
         if self.config.cancel_on_disconnect is not False:
             try:
                 if self.config.wants_cancel(self.scope):
@@ -244,6 +251,9 @@ class _Cycle:
             internal_error("retry", self.config.registry)
 
     def remember_disconnect(self) -> None:
+        if self.remembered:
+            return
+        self.remembered = True
         try:
             route = route_template(self.scope)
             self.retries.remember(fingerprint(self.scope, route, self.body_digest))
