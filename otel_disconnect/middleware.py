@@ -226,9 +226,13 @@ class _Cycle:
             state.sends_dropped += 1
             state.bytes_dropped += len(message.get("body") or b"")
             if final:
+                # A stream that was already running and now only closes, with no byte after the
+                # disconnect, was cut short (BaseHTTPMiddleware closes a cancelled stream so);
+                # anything else the app finished for nobody.
+                cut_short = state.phase == "streaming" and not state.bytes_dropped
+                state.set_outcome("cancelled" if cut_short else "completed")
                 # The OpenTelemetry ASGI middleware ends the server span right after this
                 # message: write the attributes now.
-                state.set_outcome("completed")
                 self.recorder.write_span(state, time.perf_counter())
         except Exception:
             internal_error("send", self.config.registry)

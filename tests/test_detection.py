@@ -114,12 +114,13 @@ def test_post_with_a_body_completes(server_kind: str, telemetry: Telemetry) -> N
     assert _span(telemetry, "/upload").attributes.get("disconnect.detected") is None
 
 
+@pytest.mark.parametrize("base_http", [None, "inner"])
 @pytest.mark.parametrize("path,counter", [("/stream", "stream.sent"), ("/sse", "sse.sent")])
 def test_stream_abandoned_midway(
-    server_kind: str, path: str, counter: str, telemetry: Telemetry
+    server_kind: str, path: str, counter: str, base_http: str | None, telemetry: Telemetry
 ) -> None:
     signals = Signals()
-    app = build_app(signals, **telemetry.options())
+    app = build_app(signals, base_http=base_http, **telemetry.options())
     with serve(app, server_kind) as server, RawClient(server.port) as client:
         client.request("GET", path)
         client.read_until(b"2\n" if path == "/stream" else b"event 2")

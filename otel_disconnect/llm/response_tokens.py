@@ -15,6 +15,9 @@ from .account import RESPONSE, Segment, TokenAccount, account_for
 from .openai_stream import JSONUsageParser, SSEUsageParser
 
 
+_USAGE_KEY = b'"completion_tokens"'
+
+
 class ResponseObserver:
     __slots__ = ("_account", "_segment", "parser", "state")
 
@@ -45,6 +48,10 @@ class ResponseObserver:
                 account, segment = self._open()
                 account.set_model(parser.model)
                 account.usage(self.state, segment, parser.usage_total)
+            return
+        if final and not parser.buffered and _USAGE_KEY not in body:
+            # A whole JSON body in one chunk with no usage in it: an ordinary API response.
+            # One scan in C instead of a parse keeps JSON APIs cheap.
             return
         parser.feed(body)
         if final:
