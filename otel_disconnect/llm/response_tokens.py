@@ -14,7 +14,6 @@ from ..state import RequestState
 from .account import RESPONSE, Segment, TokenAccount, account_for
 from .openai_stream import JSONUsageParser, SSEUsageParser
 
-
 _USAGE_KEY = b'"completion_tokens"'
 
 
