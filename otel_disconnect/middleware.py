@@ -18,7 +18,7 @@ from .config import Config, options_from
 from .errors import ClientDisconnected
 from .failsafe import internal_error
 from .llm import instrument_upstreams
-from .llm.response_tokens import observer_for
+from .llm.response_tokens import feed_tokens, observer_for
 from .receive_pump import ReceivePump
 from .retry import BodyDigest, RetryTracker, fingerprint
 from .routes import route_template
@@ -99,7 +99,7 @@ class _Cycle:
         self.tokens: Any = None  # counts an OpenAI-compatible response body (llm.response_tokens)
         self.state = RequestState(scope, trace.get_current_span())
         self.pump = ReceivePump(receive, self.observe)
-        self.recorder.metrics.inflight_connected.inc()
+        self.recorder.metrics.connected_inc()
         if scope.get("method") in _BODYLESS or not _expects_continue(scope):
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
             # reject the request unread; with that header, the app's first receive() goes first.
@@ -209,7 +209,9 @@ class _Cycle:
                 self.tokens = observer_for(self.state, message)
             else:
                 delivered = self.state.detected_perf is None
-                self.tokens.feed(message.get("body", b""), delivered, final)
+                self.tokens = feed_tokens(
+                    self.tokens, self.state, message.get("body", b""), delivered, final
+                )
         except Exception:
             self.tokens = None
             internal_error("count_tokens", self.config.registry)

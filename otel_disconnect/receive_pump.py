@@ -122,7 +122,11 @@ class ReceivePump:
             and self._buffered < BUFFER_LIMIT
         ):
             try:
-                message = self._begin()
+                if self._direct:
+                    message = self._advance(self._raw().__await__())
+                else:
+                    self._begin_task()
+                    return
             except BaseException as exc:  # the server's receive() itself failed
                 self._fail(exc)
                 return
@@ -130,13 +134,10 @@ class ReceivePump:
                 return
             self._accept(message)
 
-    def _begin(self) -> Message | None:
-        if self._direct:
-            return self._advance(self._raw().__await__())
+    def _begin_task(self) -> None:
         task = asyncio.ensure_future(_read(self._raw))
         self._task = task
         task.add_done_callback(self._task_done)
-        return None
 
     def _advance(self, it: Generator[Any, None, Message]) -> Message | None:
         try:
@@ -194,7 +195,8 @@ class ReceivePump:
         else:
             self._buffer.append(message)
             self._buffered += len(message.get("body") or b"")
-        self._wake_waiters()
+        if self._waiters:
+            self._wake_waiters()
 
     def _fail(self, exc: BaseException) -> None:
         # The app would have got this from its own receive(): hand it over at its next call.

@@ -9,6 +9,8 @@ before the client left (delivered). The token account is only created once a tok
 
 from __future__ import annotations
 
+from typing import Any
+
 from .._types import Message
 from ..state import RequestState
 from .account import RESPONSE, Segment, TokenAccount, account_for
@@ -61,7 +63,7 @@ class ResponseObserver:
                 account.usage(self.state, segment, total)
 
 
-def observer_for(state: RequestState, message: Message) -> ResponseObserver | None:
+def observer_for(state: RequestState, message: Message) -> Any:
     """An observer for an OpenAI-compatible response, or None for anything else."""
     content_type = b""
     for name, value in message.get("headers") or ():
@@ -73,5 +75,30 @@ def observer_for(state: RequestState, message: Message) -> ResponseObserver | No
     if content_type == b"text/event-stream":
         return ResponseObserver(state, SSEUsageParser())
     if content_type == b"application/json":
-        return ResponseObserver(state, JSONUsageParser())
+        return JSON_PENDING
     return None
+
+
+class _PendingJSON:
+    """A JSON response not looked at yet: most are ordinary API responses, and a body sent whole
+    without ``completion_tokens`` in it needs no observer object at all."""
+
+    __slots__ = ()
+
+
+JSON_PENDING: Any = _PendingJSON()
+
+
+def feed_tokens(
+    observer: Any, state: RequestState, body: bytes, delivered: bool, final: bool
+) -> ResponseObserver | None:
+    """Feed one body chunk; returns the observer to keep (None when there is nothing to count)."""
+    found: ResponseObserver
+    if observer is JSON_PENDING:
+        if final and _USAGE_KEY not in body:
+            return None
+        found = ResponseObserver(state, JSONUsageParser())
+    else:
+        found = observer
+    found.feed(body, delivered, final)
+    return found

@@ -100,7 +100,7 @@ class Recorder:
             if state.bytes_dropped:
                 m.bytes_after_disconnect.labels(route).inc(state.bytes_dropped)
         else:
-            m.inflight_connected.dec()
+            m.connected_dec()
         if state.detected_perf is not None or state.extras:
             self.write_span(state, now)
         if state.extras:
