@@ -18,7 +18,7 @@ from .config import Config, options_from
 from .errors import ClientDisconnected
 from .failsafe import internal_error
 from .llm import instrument_upstreams
-from .llm.response_tokens import feed_tokens, observer_for
+from .llm.response_tokens import _USAGE_KEY, JSON_PENDING, feed_tokens, observer_for
 from .receive_pump import ReceivePump
 from .retry import BodyDigest, RetryTracker, fingerprint
 from .routes import route_template
@@ -63,7 +63,27 @@ class DisconnectMiddleware:
             internal_error("request_start", self.config.registry)
             await self.app(scope, receive, send)
             return
-        await cycle.run()
+        # _Cycle.run(), inlined: one coroutine fewer per request.
+        token = _current.set(cycle.state)
+        try:
+            if self.config.cancel_on_disconnect is False:
+                await self.app(scope, cycle.pump.receive, cycle.send)
+            else:
+                # An anyio scope reaches the tasks Starlette streams in and respects the shields
+                # of protect(); a cancellation it caught ends here as a normal return.
+                with anyio.CancelScope() as cancel_scope:
+                    cycle.state.arm_cancel(cancel_scope.cancel)
+                    await self.app(scope, cycle.pump.receive, cycle.send)
+        except asyncio.CancelledError:
+            cycle.ended("cancelled")
+            raise
+        except BaseException as exc:
+            cycle.ended(_failure_kind(exc))
+            raise
+        else:
+            cycle.ended(None)
+        finally:
+            _current.reset(token)
 
 
 class _Cycle:
@@ -104,28 +124,6 @@ class _Cycle:
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
             # reject the request unread; with that header, the app's first receive() goes first.
             self.pump.watch()
-
-    async def run(self) -> None:
-        token = _current.set(self.state)
-        try:
-            if self.config.cancel_on_disconnect is False:
-                await self.app(self.scope, self.pump.receive, self.send)
-            else:
-                # An anyio scope reaches the tasks Starlette streams in and respects the shields
-                # of protect(); a cancellation it caught ends here as a normal return.
-                with anyio.CancelScope() as cancel_scope:
-                    self.state.arm_cancel(cancel_scope.cancel)
-                    await self.app(self.scope, self.pump.receive, self.send)
-        except asyncio.CancelledError:
-            self.ended("cancelled")
-            raise
-        except BaseException as exc:
-            self.ended(_failure_kind(exc))
-            raise
-        else:
-            self.ended(None)
-        finally:
-            _current.reset(token)
 
     # -- detection -----------------------------------------------------------------------------
 
@@ -183,7 +181,14 @@ class _Cycle:
         if final and self.retries.entries:  # someone disconnected lately: is this a retry?
             self.check_retry()  # before the final body: the server span ends with it
         if self.tokens is not None and kind == "http.response.body":
-            self.count_tokens(message, final)
+            if (
+                self.tokens is JSON_PENDING
+                and final
+                and _USAGE_KEY not in (message.get("body") or b"")
+            ):
+                self.tokens = None  # an ordinary JSON response, sent whole: nothing to count
+            else:
+                self.count_tokens(message, final)
         if final and state.extras and state.detected_perf is None:
             # Token counts of a normal request: the server span ends right after this message.
             self.write_span_now()
@@ -271,9 +276,22 @@ class _Cycle:
     def ended(self, failure: str | None) -> None:
         """The app task ended: returned (None), was cancelled, or raised (see _failure_kind)."""
         try:
-            self.pump.close()
             state = self.state
             state.ended = True
+            if (
+                failure is None
+                and state.detected_perf is None
+                and state.response_complete
+                and not state.extras
+                and not self.retries.entries
+            ):
+                # The common case, kept to a few calls: nothing happened worth a span attribute.
+                # (The read-ahead was closed when the final body was sent.)
+                metrics = self.recorder.metrics
+                metrics.count_request(route_template(self.scope), state.method)
+                metrics.connected_dec()
+                return
+            self.pump.close()
             if failure == "cancelled" and not state.response_complete:
                 # Cancelled by the server or framework with nothing else telling us why.
                 self.detect("cancelled")

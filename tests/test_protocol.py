@@ -278,12 +278,13 @@ async def test_non_http_scopes_pass_through_untouched() -> None:
 
 
 async def test_internal_error_fails_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    from otel_disconnect.telemetry.metrics import Metrics
     from otel_disconnect.telemetry.recorder import Recorder
 
-    def broken(self: Any, state: Any) -> None:
+    def broken(self: Any, *args: Any) -> None:
         raise RuntimeError("recorder bug")
 
-    monkeypatch.setattr(Recorder, "end", broken)
+    monkeypatch.setattr(Metrics, "count_request", broken)
     monkeypatch.setattr(Recorder, "disconnect", broken)
     server = FakeServer(
         [{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}]

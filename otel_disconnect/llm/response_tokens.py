@@ -16,6 +16,7 @@ from ..state import RequestState
 from .account import RESPONSE, Segment, TokenAccount, account_for
 from .openai_stream import JSONUsageParser, SSEUsageParser
 
+# A JSON body that does not contain this has no usage to count.
 _USAGE_KEY = b'"completion_tokens"'
 
 
