@@ -3,14 +3,17 @@
 Wall-clock and CPU-time ratios on shared 2-core machines swing by ±30% between rounds; an
 instruction count does not. Each variant's app (bench/benchapp.py) is driven in-process with the
 fake uvicorn-like server of bench/micro.py, ``N1`` and then ``N2`` requests after the same warm-up,
-in two processes; the difference of their totals divided by ``N2 - N1`` is the per-request cost,
-free of start-up. Usage: ``python bench/instructions.py [--variants ...] [--n1 100 --n2 400]``.
+in two processes, with the garbage collector off after the warm-up and a fixed hash seed; the
+difference of their totals divided by ``N2 - N1`` is the per-request cost, free of start-up.
+Usage: ``python bench/instructions.py [--variants ...] [--n1 100 --n2 400]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import os
 import re
 import shutil
 import subprocess
@@ -34,6 +37,10 @@ def _drive(variant: str, n: int) -> None:
 
     app = benchapp.create_app(variant)
     asyncio.run(run(app, 100))  # warm-up: middleware stack built, caches filled
+    # Without the collector: a full collection landing in one window and not the other would
+    # swamp the difference. Garbage per request is measured on its own (micro.py, the tests).
+    gc.collect()
+    gc.disable()
     asyncio.run(run(app, n))
 
 
@@ -43,6 +50,7 @@ def _count(variant: str, n: int) -> int:
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
              sys.executable, __file__, "--drive", variant, str(n)],
             capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
         )
     match = re.search(r"Collected : (\d+)", result.stderr)
     assert match, result.stderr[-2000:]
