@@ -123,7 +123,9 @@ class _Cycle:
         if scope.get("method") in _BODYLESS or not _expects_continue(scope):
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
             # reject the request unread; with that header, the app's first receive() goes first.
-            self.pump.watch()
+            # Started on the next turn of the loop: a request that completes without ever
+            # yielding (a plain JSON endpoint) never needs it, and then costs nothing.
+            asyncio.get_running_loop().call_soon(self.pump.watch)
 
     # -- detection -----------------------------------------------------------------------------
 
