@@ -68,6 +68,12 @@ def middleware(app: Any, **options: Any) -> DisconnectMiddleware:
     return DisconnectMiddleware(app, registry=CollectorRegistry(), **options)
 
 
+def disconnects(mw: DisconnectMiddleware, method: str, phase: str, outcome: str) -> float:
+    """``otel_disconnect_client_disconnects_total`` for the unrouted test scope."""
+    return value(mw, "otel_disconnect_client_disconnects_total", route="unmatched",
+                 method=method, phase=phase, outcome=outcome)
+
+
 def value(mw: DisconnectMiddleware, name: str, **labels: str) -> float:
     registry = mw.config.registry
     assert registry is not None
@@ -92,17 +98,7 @@ async def test_body_messages_reach_the_app_in_order_and_disconnect_is_replayed()
     await mw(scope("POST"), server.receive, server.send)
     assert [m.get("body") for m in seen[:3]] == [b"a", b"b", b"c"]
     assert [m["type"] for m in seen[3:]] == ["http.disconnect", "http.disconnect"]
-    assert (
-        value(
-            mw,
-            "otel_disconnect_client_disconnects_total",
-            route="unmatched",
-            method="POST",
-            phase="before_response",
-            outcome="cancelled",
-        )
-        == 1
-    )
+    assert disconnects(mw, "POST", "before_response", "cancelled") == 1
 
 
 async def test_handler_that_never_receives_still_sees_the_disconnect() -> None:
@@ -174,17 +170,7 @@ async def test_send_oserror_is_detected_and_reraised() -> None:
     mw = middleware(app)
     with pytest.raises(OSError, match="client gone"):
         await mw(scope(), server.receive, failing_send)
-    assert (
-        value(
-            mw,
-            "otel_disconnect_client_disconnects_total",
-            route="unmatched",
-            method="GET",
-            phase="streaming",
-            outcome="cancelled",
-        )
-        == 1
-    )
+    assert disconnects(mw, "GET", "streaming", "cancelled") == 1
 
 
 async def test_cancelled_app_is_detected_as_cancelled() -> None:
@@ -201,17 +187,7 @@ async def test_cancelled_app_is_detected_as_cancelled() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert (
-        value(
-            mw,
-            "otel_disconnect_client_disconnects_total",
-            route="unmatched",
-            method="GET",
-            phase="before_response",
-            outcome="cancelled",
-        )
-        == 1
-    )
+    assert disconnects(mw, "GET", "before_response", "cancelled") == 1
 
 
 async def test_app_error_after_disconnect_is_outcome_error_and_propagates() -> None:
@@ -228,17 +204,7 @@ async def test_app_error_after_disconnect_is_outcome_error_and_propagates() -> N
     mw = middleware(app)
     with pytest.raises(ValueError, match="boom"):
         await mw(scope(), server.receive, server.send)
-    assert (
-        value(
-            mw,
-            "otel_disconnect_client_disconnects_total",
-            route="unmatched",
-            method="GET",
-            phase="before_response",
-            outcome="error",
-        )
-        == 1
-    )
+    assert disconnects(mw, "GET", "before_response", "error") == 1
 
 
 async def test_receive_error_reaches_the_app_unchanged() -> None:
