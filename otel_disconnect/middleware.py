@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import anyio
-from opentelemetry import trace
 
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config, options_from
@@ -67,13 +67,13 @@ class DisconnectMiddleware:
         token = _current.set(cycle.state)
         try:
             if self.config.cancel_on_disconnect is False:
-                await self.app(scope, cycle.pump.receive, cycle.send)
+                await self.app(scope, cycle.receive, cycle.send)
             else:
                 # An anyio scope reaches the tasks Starlette streams in and respects the shields
                 # of protect(); a cancellation it caught ends here as a normal return.
                 with anyio.CancelScope() as cancel_scope:
                     cycle.state.arm_cancel(cancel_scope.cancel)
-                    await self.app(scope, cycle.pump.receive, cycle.send)
+                    await self.app(scope, cycle.receive, cycle.send)
         except asyncio.CancelledError:
             cycle.ended("cancelled")
             raise
@@ -87,13 +87,19 @@ class DisconnectMiddleware:
 
 
 class _Cycle:
-    """One request: the wrapped receive and send, the read-ahead, the state."""
+    """One request: the wrapped receive and send, the read-ahead, the state.
+
+    The read-ahead (``ReceivePump``) is made on first need: when the app first calls
+    ``receive()``, or when the request is still running on the loop's next turn. A request
+    answered without ever yielding (most small JSON endpoints) never makes one.
+    """
 
     __slots__ = (
         "app",
         "body_digest",
         "config",
         "pump",
+        "receive_upstream",
         "recorder",
         "remembered",
         "retries",
@@ -114,18 +120,42 @@ class _Cycle:
         self.remembered = False
         self.body_digest: BodyDigest | None = None
         self.scope = scope
+        self.receive_upstream = receive
         self.send_downstream = send
         self.trailers = False
         self.tokens: Any = None  # counts an OpenAI-compatible response body (llm.response_tokens)
-        self.state = RequestState(scope, trace.get_current_span())
-        self.pump = ReceivePump(receive, self.observe)
-        self.recorder.metrics.connected_inc()
+        self.pump: ReceivePump | None = None
+        state = self.state = RequestState(scope, spans.current_span())
         if scope.get("method") in _BODYLESS or not _expects_continue(scope):
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
             # reject the request unread; with that header, the app's first receive() goes first.
             # Started on the next turn of the loop: a request that completes without ever
             # yielding (a plain JSON endpoint) never needs it, and then costs nothing.
-            asyncio.get_running_loop().call_soon(self.pump.watch)
+            asyncio.get_running_loop().call_soon(self.watch)
+        self.recorder.metrics.in_flight.arrived(state)
+
+    # -- the app's receive and the read-ahead ----------------------------------------------------
+
+    def receive(self) -> Awaitable[Message]:
+        """The app's ``receive()``: a plain function returning the pump's coroutine, so the
+        wrapper adds no coroutine of its own to each message."""
+        pump = self.pump
+        if pump is None:
+            pump = self.new_pump()
+        return pump.receive()
+
+    def watch(self) -> None:
+        """The loop's next turn after the request started: read ahead if it is still running."""
+        state = self.state
+        if state.response_complete or state.ended:
+            return
+        (self.pump or self.new_pump()).watch()
+
+    def new_pump(self) -> ReceivePump:
+        pump = self.pump = ReceivePump(self.receive_upstream, self.observe)
+        if self.state.response_complete:
+            pump.close()  # the app reads after its response: nothing left to watch for
+        return pump
 
     # -- detection -----------------------------------------------------------------------------
 
@@ -175,7 +205,10 @@ class _Cycle:
             state.response_started = True
             self.trailers = bool(message.get("trailers", False))
             if self.config.count_tokens == "auto":
-                self.count_tokens(message, False)
+                try:
+                    self.tokens = observer_for(state, message)
+                except Exception:
+                    internal_error("count_tokens", self.config.registry)
         elif kind == "http.response.trailers":
             final = not message.get("more_trailers", False)
         elif kind in ("http.response.pathsend", "http.response.zerocopysend"):
@@ -207,18 +240,16 @@ class _Cycle:
             raise
         if final:
             state.response_complete = True
-            self.pump.close()
+            if self.pump is not None:
+                self.pump.close()
 
     def count_tokens(self, message: Message, final: bool) -> None:
         """OpenAI-compatible responses: tokens in chunks sent before detection were delivered."""
         try:
-            if message["type"] == "http.response.start":
-                self.tokens = observer_for(self.state, message)
-            else:
-                delivered = self.state.detected_perf is None
-                self.tokens = feed_tokens(
-                    self.tokens, self.state, message.get("body", b""), delivered, final
-                )
+            delivered = self.state.detected_perf is None
+            self.tokens = feed_tokens(
+                self.tokens, self.state, message.get("body", b""), delivered, final
+            )
         except Exception:
             self.tokens = None
             internal_error("count_tokens", self.config.registry)
@@ -291,9 +322,10 @@ class _Cycle:
                 # (The read-ahead was closed when the final body was sent.)
                 metrics = self.recorder.metrics
                 metrics.count_request(route_template(self.scope), state.method)
-                metrics.connected_dec()
+                metrics.in_flight.left(state)
                 return
-            self.pump.close()
+            if self.pump is not None:
+                self.pump.close()
             if failure == "cancelled" and not state.response_complete:
                 # Cancelled by the server or framework with nothing else telling us why.
                 self.detect("cancelled")

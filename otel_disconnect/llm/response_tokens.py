@@ -68,10 +68,15 @@ def observer_for(state: RequestState, message: Message) -> Any:
     """An observer for an OpenAI-compatible response, or None for anything else."""
     content_type = b""
     for name, value in message.get("headers") or ():
-        lower = name.lower()
-        if lower == b"content-type":
+        # Every response passes here: compare lengths before lowering names.
+        size = len(name)
+        if size == 12 and name.lower() == b"content-type":
             content_type = value.split(b";", 1)[0].strip().lower()
-        elif lower == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+        elif (
+            size == 16
+            and name.lower() == b"content-encoding"
+            and value.strip().lower() not in (b"", b"identity")
+        ):
             return None  # compressed by an inner middleware: not worth decompressing to count
     if content_type == b"text/event-stream":
         return ResponseObserver(state, SSEUsageParser())

@@ -10,6 +10,7 @@ import functools
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -137,10 +138,7 @@ class Metrics:
         )
         self.inflight_connected = self.inflight.labels("connected")
         self.inflight_disconnected = self.inflight.labels("disconnected")
-        # Every request moves these: bound straight to the value's inc(), which skips two Python
-        # calls of checks per update (the label children are known to be observable).
-        self.connected_inc = _fast_inc(self.inflight_connected)
-        self.connected_dec = _fast_dec(self.inflight_connected)
+        self.in_flight = InFlight(self.inflight_connected, self.inflight_disconnected)
         self._requests_children: dict[tuple[str, str], Any] = {}
         self._models: set[str] = set()
         self._lock = threading.Lock()
@@ -163,6 +161,66 @@ class Metrics:
                 self._models.add(model)
                 return model
         return OTHER_MODEL
+
+
+class InFlight:
+    """The two in-flight series, kept cheap on the path every request takes.
+
+    In one process, each series is the size of a set of live request states, read when Prometheus
+    scrapes: ``set.add``/``set.discard`` are single C calls where a Gauge's ``inc``/``dec`` is a
+    Python call taking a lock. Multi-process mode needs the values in the gauge's shared memory
+    (``livesum`` adds up the live workers), so there the gauge is moved as usual.
+
+    ``arrived(state)``: a request started; ``left(state)``: it ended with its client still there;
+    ``disconnected(state)``: its client left (a zombie until it ends); ``zombie_ended(state)``.
+    """
+
+    __slots__ = ("arrived", "disconnected", "left", "zombie_ended")
+
+    arrived: Callable[[object], None]
+    left: Callable[[object], None]
+    disconnected: Callable[[object], None]
+    zombie_ended: Callable[[object], None]
+
+    def __init__(self, connected: Any, disconnected: Any) -> None:
+        if _multiprocess():
+            self._use_gauges(connected, disconnected)
+            return
+        live: set[object] = set()
+        zombies: set[object] = set()
+        connected.set_function(live.__len__)
+        disconnected.set_function(zombies.__len__)
+
+        def moved(state: object) -> None:
+            live.discard(state)
+            zombies.add(state)
+
+        self.arrived, self.left = live.add, live.discard
+        self.disconnected, self.zombie_ended = moved, zombies.discard
+
+    def _use_gauges(self, connected: Any, disconnected: Any) -> None:
+        inc, dec = _fast_inc(connected), _fast_dec(connected)
+        zombie_inc, zombie_dec = _fast_inc(disconnected), _fast_dec(disconnected)
+
+        def arrived(state: object) -> None:
+            inc()
+
+        def left(state: object) -> None:
+            dec()
+
+        def moved(state: object) -> None:
+            dec()
+            zombie_inc()
+
+        def zombie_ended(state: object) -> None:
+            zombie_dec()
+
+        self.arrived, self.left, self.disconnected, self.zombie_ended = (
+            arrived,
+            left,
+            moved,
+            zombie_ended,
+        )
 
 
 def _fast_inc(child: Any) -> Any:

@@ -30,8 +30,7 @@ class Recorder:
         m = self.metrics
         # For tokens a producer counts after the request ended (llm.account): off the hot path.
         state.metrics = m
-        m.inflight_connected.dec()
-        m.inflight_disconnected.inc()
+        m.in_flight.disconnected(state)
         route = state.route = route_template(state.scope)
         offset = state.offset_s or 0.0
         m.client_wait.labels(route).observe(offset)
@@ -89,7 +88,7 @@ class Recorder:
         route = state.route = route_template(state.scope)
         m.count_request(route, state.method)
         if state.detected_perf is not None:
-            m.inflight_disconnected.dec()
+            m.in_flight.zombie_ended(state)
             outcome = state.outcome or "completed"
             m.client_disconnects.labels(route, state.method, state.phase, outcome).inc()
             m.work_after_disconnect.labels(route, outcome).observe(
@@ -100,7 +99,7 @@ class Recorder:
             if state.bytes_dropped:
                 m.bytes_after_disconnect.labels(route).inc(state.bytes_dropped)
         else:
-            m.connected_dec()
+            m.in_flight.left(state)
         if state.detected_perf is not None or state.extras:
             self.write_span(state, now)
         if state.extras:
