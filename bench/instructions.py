@@ -1,11 +1,18 @@
 """Instructions per request, counted by valgrind (callgrind): repeatable on a busy machine.
 
 Wall-clock and CPU-time ratios on shared 2-core machines swing by ±30% between rounds; an
-instruction count does not. Each variant's app (bench/benchapp.py) is driven in-process with the
-fake uvicorn-like server of bench/micro.py, ``N1`` and then ``N2`` requests after the same warm-up,
-in two processes, with the garbage collector off after the warm-up and a fixed hash seed; the
-difference of their totals divided by ``N2 - N1`` is the per-request cost, free of start-up.
-Usage: ``python bench/instructions.py [--variants ...] [--n1 100 --n2 400]``.
+instruction count does not. Two measurements, each ``N1`` and then ``N2`` requests after the same
+warm-up, in two processes with a fixed hash seed; the difference of their totals divided by
+``N2 - N1`` is the per-request cost, free of start-up and shut-down:
+
+- ``uvicorn``: the server process the SPEC's anchors measure (one uvicorn worker, httptools,
+  uvloop, serving bench/benchapp.py) runs under callgrind; a client outside it sends the requests
+  one after another on one keep-alive connection. Everything the server does per request is
+  counted: HTTP parsing, the event loop, the app, the garbage collector.
+- ``in-process``: the app alone, driven by the fake uvicorn-like server of bench/micro.py with the
+  garbage collector off after the warm-up: only the ASGI stack, so the ratio is a stricter one.
+
+Usage: ``python bench/instructions.py [--variants ...] [--modes uvicorn in-process]``.
 """
 
 from __future__ import annotations
@@ -16,16 +23,25 @@ import gc
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import procs  # noqa: E402  (bench/ is not a package)
+
+MODES = ("uvicorn", "in-process")
+WARMUP = 100
 
 
-def _drive(variant: str, n: int) -> None:
+def _drive(variant: str, path: str, n: int) -> None:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     import benchapp
     import micro
@@ -33,7 +49,7 @@ def _drive(variant: str, n: int) -> None:
     async def run(app: object, k: int) -> None:
         for _ in range(k):
             cycle = micro.FakeCycle()
-            await app(micro._scope("/hello"), cycle.receive, cycle.send)  # type: ignore[operator]
+            await app(micro._scope(path), cycle.receive, cycle.send)  # type: ignore[operator]
 
     app = benchapp.create_app(variant)
     asyncio.run(run(app, 100))  # warm-up: middleware stack built, caches filled
@@ -44,44 +60,111 @@ def _drive(variant: str, n: int) -> None:
     asyncio.run(run(app, n))
 
 
-def _count(variant: str, n: int) -> int:
+def _count(variant: str, path: str, n: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
-             sys.executable, __file__, "--drive", variant, str(n)],
+             sys.executable, __file__, "--drive", variant, path, str(n)],
             capture_output=True, text=True, check=True,
             env={**os.environ, "PYTHONHASHSEED": "0"},
         )
-    match = re.search(r"Collected : (\d+)", result.stderr)
-    assert match, result.stderr[-2000:]
+    return _collected(result.stderr)
+
+
+def _collected(valgrind_output: str) -> int:
+    match = re.search(r"Collected : (\d+)", valgrind_output)
+    assert match, valgrind_output[-2000:]
     return int(match.group(1))
+
+
+def _recv_until(conn: socket.socket, buf: bytearray, done: Callable[[bytearray], bool]) -> None:
+    while not done(buf):
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        buf += chunk
+
+
+def _get(conn: socket.socket, path: str) -> None:
+    """One request on a keep-alive connection, read to the end of its response (a body with a
+    Content-Length, or a chunked stream up to its last chunk)."""
+    conn.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    buf = bytearray()
+    _recv_until(conn, buf, lambda b: b"\r\n\r\n" in b)
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    body = bytearray(rest)
+    match = re.search(rb"(?i)content-length: *(\d+)", head)
+    if match:
+        length = int(match.group(1))
+        _recv_until(conn, body, lambda b: len(b) >= length)
+    else:  # one request at a time: the stream's last chunk ends what the server sends
+        _recv_until(conn, body, lambda b: b.endswith(b"0\r\n\r\n"))
+
+
+def _count_uvicorn(variant: str, path: str, n: int) -> int:
+    """The whole uvicorn worker under callgrind, ``WARMUP + n`` requests from outside it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        callgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out"]
+        server = procs.Server(variant, "uvicorn-httptools", callgrind)
+        try:
+            server.wait_ready(timeout=900)  # valgrind runs Python some 50 times slower
+            with socket.create_connection(("127.0.0.1", server.port), timeout=300) as conn:
+                for _ in range(WARMUP + n):
+                    _get(conn, path)
+            # A graceful shut-down, however long it takes under valgrind: callgrind writes its
+            # totals when the process exits.
+            os.killpg(server.proc.pid, signal.SIGINT)
+            server.proc.wait(timeout=900)
+            return _collected(server.output())
+        finally:
+            server.stop()
+
+
+def _table(title: str, per_request: dict[str, float]) -> list[str]:
+    base = per_request.get("otel")
+    lines = [f"| variant | instructions/request ({title}) | vs otel |", "|---|---:|---:|"]
+    for v, count in per_request.items():
+        ratio = f"{count / base:.3f} ({count - base:+,.0f})" if base and v != "otel" else ""
+        lines.append(f"| {v} | {count:,.0f} | {ratio} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["otel", "otel+disconnect", "otel+naive"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--paths", nargs="+", default=["/hello", "/stream"])
     parser.add_argument("--n1", type=int, default=100)
     parser.add_argument("--n2", type=int, default=400)
-    parser.add_argument("--drive", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--drive", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
-        _drive(args.drive[0], int(args.drive[1]))
+        _drive(args.drive[0], args.drive[1], int(args.drive[2]))
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
-    jobs = [(v, n) for v in args.variants for n in (args.n1, args.n2)]
-    with ThreadPoolExecutor(2) as pool:
-        totals = dict(zip(jobs, pool.map(lambda job: _count(*job), jobs), strict=True))
-    per_request = {
-        v: (totals[(v, args.n2)] - totals[(v, args.n1)]) / (args.n2 - args.n1)
+    os.environ["PYTHONHASHSEED"] = "0"  # the servers inherit it
+    counters = {"uvicorn": _count_uvicorn, "in-process": _count}
+    jobs = [
+        (m, p, v, n)
+        for m in args.modes
+        for p in args.paths
         for v in args.variants
-    }
-    base = per_request.get("otel")
-    print("| variant | instructions/request (/hello) | vs otel |")
-    print("|---|---:|---:|")
-    for v, count in per_request.items():
-        ratio = f"{count / base:.3f} ({count - base:+,.0f})" if base and v != "otel" else ""
-        print(f"| {v} | {count:,.0f} | {ratio} |")
+        for n in (args.n1, args.n2)
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        counts = pool.map(lambda job: counters[job[0]](job[2], job[1], job[3]), jobs)
+        totals = dict(zip(jobs, counts, strict=True))
+    for mode in args.modes:
+        for path in args.paths:
+            per_request = {
+                v: (totals[(mode, path, v, args.n2)] - totals[(mode, path, v, args.n1)])
+                / (args.n2 - args.n1)
+                for v in args.variants
+            }
+            where = "one uvicorn worker" if mode == "uvicorn" else "app in-process"
+            print("\n".join(_table(f"`{path}`, {where}", per_request)) + "\n", flush=True)
 
 
 if __name__ == "__main__":

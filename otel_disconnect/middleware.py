@@ -219,7 +219,7 @@ class _Cycle:
             if (
                 self.tokens is JSON_PENDING
                 and final
-                and _USAGE_KEY not in (message.get("body") or b"")
+                and (message.get("body") or b"").find(_USAGE_KEY) < 0
             ):
                 self.tokens = None  # an ordinary JSON response, sent whole: nothing to count
             else:

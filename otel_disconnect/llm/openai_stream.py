@@ -11,7 +11,10 @@ Counting rules (documented in the README):
   per chunk, so this is exact for vLLM and OpenAI and an approximation for batched chunks;
 - a chunk with both choices and ``usage`` (vLLM ``continuous_usage_stats``) counts by the
   cumulative ``usage.completion_tokens`` instead;
-- a ``usage`` chunk without choices (``stream_options.include_usage``) is the authoritative total.
+- a ``usage`` chunk without choices (``stream_options.include_usage``) is the authoritative total;
+- an event whose data names none of ``"choices"``, ``"usage"``, ``"model"`` is not parsed at all
+  (servers write these keys plainly); a stream whose first ``FOREIGN_EVENTS`` data events are all
+  such is not a completion stream (progress events, logs) and is no longer read (``foreign``).
 """
 
 from __future__ import annotations
@@ -21,12 +24,18 @@ import re
 from typing import Any
 
 MAX_EVENT_BYTES = 256 * 1024
+FOREIGN_EVENTS = 3
 MAX_JSON_BYTES = 1024 * 1024
 _TAIL_BYTES = 8 * 1024
 
 # Inside a JSON string a quote is escaped, so this cannot match text inside the content.
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
+# Searched with bytes.find(): ``key in data`` first tries the key as an integer (a byte value)
+# and builds and clears a TypeError on every call, which costs more than the search itself.
 _COMPLETION_KEY = b'"completion_tokens"'
+_CHOICES_KEY = b'"choices"'
+_USAGE_KEY = b'"usage"'
+_MODEL_KEY = b'"model"'
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 
 
@@ -72,6 +81,8 @@ class SSEUsageParser:
         "_buffer",
         "_cumulative",
         "_data",
+        "_others",
+        "_seen_chunk",
         "_skipping",
         "counted",
         "done",
@@ -88,6 +99,8 @@ class SSEUsageParser:
         self._skipping = False  # inside a line longer than max_buffer: drop it to its end
         self._after_cr = False  # the last piece ended with "\r": a leading "\n" ends nothing
         self._cumulative = 0  # the last cumulative usage.completion_tokens seen on a chunk
+        self._seen_chunk = False  # an event that names a chunk key was seen
+        self._others = 0  # data events that named none
         self.counted = 0
         self.usage_total: int | None = None
         self.model: str | None = None
@@ -98,8 +111,28 @@ class SSEUsageParser:
     def buffered(self) -> int:
         return len(self._buffer) + len(self._data)
 
+    @property
+    def foreign(self) -> bool:
+        """The stream opened with FOREIGN_EVENTS data events that were not completion chunks:
+        it is some other event stream, and reading it further costs without counting."""
+        return self._others >= FOREIGN_EVENTS and not self._seen_chunk
+
     def feed(self, data: bytes) -> int:
         """Consume ``data``; return the tokens counted in the events it completed."""
+        if self._others >= FOREIGN_EVENTS and not self._seen_chunk:
+            return 0  # not a completion stream (see foreign)
+        if (
+            data.endswith(b"\n\n")
+            and not self._buffer
+            and not self._data
+            and not self._skipping
+            and not self._after_cr
+            and len(data) <= self.max_buffer
+            and data.find(b"\r") < 0
+        ):
+            # What servers send: whole events ending in "\n\n", one or a few per body chunk.
+            # Split in C instead of walking line ends; the same rules as below otherwise.
+            return self._feed_events(data)
         before = self.counted
         start = 0
         end = len(data)
@@ -119,6 +152,20 @@ class SSEUsageParser:
                     self._after_cr = True
                 elif data[start] == 10:
                     start += 1
+        return self.counted - before
+
+    def _feed_events(self, data: bytes) -> int:
+        before = self.counted
+        lines = data.split(b"\n")
+        lines.pop()  # the empty piece after the last "\n"
+        values: list[bytes] = []
+        for line in lines:
+            if not line:
+                if values:
+                    self._dispatch_payload(b"\n".join(values))
+                    values = []
+            elif line.startswith(b"data:"):
+                values.append(line[6:] if line[5:6] == b" " else line[5:])
         return self.counted - before
 
     def _append(self, data: bytes, start: int, end: int) -> None:
@@ -151,9 +198,19 @@ class SSEUsageParser:
             return
         payload = bytes(self._data)
         self._data.clear()
-        if payload.strip() == b"[DONE]":
-            self.done = True
+        self._dispatch_payload(payload)
+
+    def _dispatch_payload(self, payload: bytes) -> None:
+        find = payload.find
+        if find(_CHOICES_KEY) < 0 and find(_USAGE_KEY) < 0 and find(_MODEL_KEY) < 0:
+            # Nothing in it could count or name the model (a chunk names its keys plainly):
+            # other SSE streams (progress events, logs) are not parsed at all.
+            if payload.strip() == b"[DONE]":
+                self.done = True
+            else:
+                self._others += 1
             return
+        self._seen_chunk = True
         try:
             obj = json.loads(payload)
         except (ValueError, RecursionError):
@@ -224,7 +281,7 @@ class JSONUsageParser:
         """Parse what was fed; return the completion tokens, or None when the body has none."""
         body = bytes(self._body)
         self._body = bytearray()
-        if _COMPLETION_KEY not in body and _COMPLETION_KEY not in self._head:
+        if body.find(_COMPLETION_KEY) < 0 and self._head.find(_COMPLETION_KEY) < 0:
             # Most JSON responses are not completions: one search instead of a parse.
             self._head = b""
             return None

@@ -36,7 +36,8 @@ class ResponseObserver:
             self._account.tally(RESPONSE).add_segment(self._segment, self.state.detected_perf)
         return self._account, self._segment
 
-    def feed(self, body: bytes, delivered: bool, final: bool) -> None:
+    def feed(self, body: bytes, delivered: bool, final: bool) -> bool:
+        """Count one body chunk; False once the rest of the body is not worth reading."""
         parser = self.parser
         if isinstance(parser, SSEUsageParser):
             n = parser.feed(body) if body else 0
@@ -50,11 +51,11 @@ class ResponseObserver:
                 account, segment = self._open()
                 account.set_model(parser.model)
                 account.usage(self.state, segment, parser.usage_total)
-            return
-        if final and not parser.buffered and _USAGE_KEY not in body:
+            return not parser.foreign
+        if final and not parser.buffered and body.find(_USAGE_KEY) < 0:
             # A whole JSON body in one chunk with no usage in it: an ordinary API response.
             # One scan in C instead of a parse keeps JSON APIs cheap.
-            return
+            return False
         parser.feed(body)
         if final:
             total = parser.finish()
@@ -62,27 +63,28 @@ class ResponseObserver:
                 account, segment = self._open()
                 account.set_model(parser.model)
                 account.usage(self.state, segment, total)
+        return True
 
 
 def observer_for(state: RequestState, message: Message) -> Any:
     """An observer for an OpenAI-compatible response, or None for anything else."""
     content_type = b""
+    # Every response passes here. ASGI requires lower-case response header names, so they are
+    # compared as they are; the common exact values skip parsing.
     for name, value in message.get("headers") or ():
-        # Every response passes here: compare lengths before lowering names.
-        size = len(name)
-        if size == 12 and name.lower() == b"content-type":
-            content_type = value.split(b";", 1)[0].strip().lower()
-        elif (
-            size == 16
-            and name.lower() == b"content-encoding"
-            and value.strip().lower() not in (b"", b"identity")
-        ):
+        if name == b"content-type":
+            content_type = value if value == b"application/json" else _media_type(value)
+        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             return None  # compressed by an inner middleware: not worth decompressing to count
     if content_type == b"text/event-stream":
         return ResponseObserver(state, SSEUsageParser())
     if content_type == b"application/json":
         return JSON_PENDING
     return None
+
+
+def _media_type(value: bytes) -> bytes:
+    return value.split(b";", 1)[0].strip().lower()
 
 
 class _PendingJSON:
@@ -101,10 +103,9 @@ def feed_tokens(
     """Feed one body chunk; returns the observer to keep (None when there is nothing to count)."""
     found: ResponseObserver
     if observer is JSON_PENDING:
-        if final and _USAGE_KEY not in body:
+        if final and body.find(_USAGE_KEY) < 0:
             return None
         found = ResponseObserver(state, JSONUsageParser())
     else:
         found = observer
-    found.feed(body, delivered, final)
-    return found
+    return found if found.feed(body, delivered, final) else None

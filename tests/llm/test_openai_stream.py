@@ -139,3 +139,59 @@ def test_fuzzed_json_never_raises_and_stays_bounded(pieces: list[bytes], cap: in
         assert parser.buffered <= cap + 2 * 8192
     result = parser.finish()
     assert result is None or result >= 0
+
+
+_events = st.lists(
+    st.one_of(
+        st.sampled_from([_chat("x"), _chat(""), _chat(None), _usage(4), b"data: [DONE]\n\n",
+                         b": ping\n\n", b'data: {"token": 1}\n\n', b"event: progress\n\n",
+                         b'data: {"choices": [{"text": "a"}]}\ndata: {"x": 1}\n\n',
+                         b'data: {"choices": [{"text": "b"}]\n\n', b"\n\n",
+                         b'data:{"model": "m9", "choices": []}\n\n']),
+        st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"") + b"\n\n"),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_events, st.integers(min_value=1, max_value=5))
+def test_whole_events_and_byte_pieces_read_the_same(events: list[bytes], group: int) -> None:
+    """Body chunks of whole events take the split-in-C path; byte-sized pieces the line walker."""
+    whole, pieces = SSEUsageParser(), SSEUsageParser()
+    for i in range(0, len(events), group):
+        whole.feed(b"".join(events[i : i + group]))
+    stream = b"".join(events)
+    for i in range(len(stream)):
+        pieces.feed(stream[i : i + 1])
+    assert (whole.counted, whole.usage_total, whole.model, whole.done, whole.malformed) == (
+        pieces.counted, pieces.usage_total, pieces.model, pieces.done, pieces.malformed)
+
+
+def test_sse_that_is_not_openai_is_not_parsed() -> None:
+    parser = SSEUsageParser()
+    assert parser.feed(b'data: {"token": 1}\n\ndata: {not json\n\n') == 0
+    assert parser.malformed == 0  # no chunk key in either: never handed to the JSON parser
+    assert parser.feed(b'data: {"choices": [{"text": "a"}\n\n') == 0
+    assert parser.malformed == 1
+
+
+def test_a_stream_that_opens_with_other_events_is_given_up() -> None:
+    parser = SSEUsageParser()
+    others = b'data: {"progress": 1}\n\n: comment\n\nevent: x\ndata: 2\n\ndata: [DONE]\n\n'
+    assert parser.feed(others) == 0 and not parser.foreign  # two data events, [DONE] not one
+    assert parser.feed(b'data: {"progress": 3}\n\n') == 0
+    assert parser.foreign
+    assert parser.feed(_chat("late")) == 0  # no longer read
+    assert parser.buffered == 0
+
+
+def test_comments_and_one_other_event_before_chunks_still_count() -> None:
+    parser = SSEUsageParser()
+    stream = b": ping\n\n: ping\n\ndata: {\"status\": \"queued\"}\n\n" + _chat("a") + _chat("b")
+    for i in range(0, len(stream), 7):
+        parser.feed(stream[i : i + 7])
+    assert parser.counted == 2 and not parser.foreign
+    for _ in range(5):  # once chunks were seen, other events later change nothing
+        parser.feed(b'data: {"progress": 1}\n\n')
+    assert parser.feed(_chat("c")) == 1
