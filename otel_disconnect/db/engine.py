@@ -345,15 +345,14 @@ class EngineHooks:
         if not self.active:
             return None
         try:
-            # The pool entry's info dict (memoized on the fairy). At first connect SQLAlchemy
-            # passes an ad hoc proxy whose .info is the driver's own attribute: not ours.
-            info = getattr(proxied, "info", None)
-            if type(info) is dict:
-                found: ConnState | None = info.get(KEY)
-                return found
+            info = proxied.info  # the pool entry's info dict, memoized on the checked-out proxy
+        except NotImplementedError:
+            return None  # the ad hoc proxy of the first connect has none: never checked out
         except Exception:
             internal_error(where, self.registry)
-        return None
+            return None
+        found: ConnState | None = info.get(KEY) if type(info) is dict else None
+        return found
 
     def _lookup_connection(self, connection: Any, where: str) -> ConnState | None:
         """The ConnState behind a SQLAlchemy Connection (the two-phase methods get one)."""
@@ -449,13 +448,14 @@ class EngineHooks:
         if context is None or not self.active:  # None only for some mssql defaults
             return None
         try:
-            info = getattr(context._dbapi_connection, "info", None)
-            if type(info) is dict:
-                found: ConnState | None = info.get(KEY)
-                return found
+            info = context._dbapi_connection.info  # the pooled connection the statement runs on
+        except NotImplementedError:
+            return None  # the first connect's statements, on an ad hoc proxy
         except Exception:
             internal_error("db_execute", self.registry)
-        return None
+            return None
+        found: ConnState | None = info.get(KEY) if type(info) is dict else None
+        return found
 
     def _execute(self, original: Any) -> Any:
         lookup = self._lookup_context
