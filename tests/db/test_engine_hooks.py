@@ -140,14 +140,25 @@ def test_driver_exceptions_propagate_unchanged_and_clear_the_state() -> None:
     def do_commit(dbapi_connection: Any) -> None:
         raise raised["boom"]
 
+    def do_begin(dbapi_connection: Any) -> None:
+        if begin_fails:
+            raise raised["boom"]
+
+    begin_fails = True
     dialect.do_execute = do_execute  # type: ignore[method-assign]
     dialect.do_commit = do_commit  # type: ignore[method-assign]
+    dialect.do_begin = do_begin  # type: ignore[method-assign]
     instrument_engine(engine, registry=registry)
     state, token = _request()
     try:
         with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
             held = state.extras[KEY].held[0]
+            with pytest.raises(sqlalchemy.exc.OperationalError) as failed:
+                conn.begin()
+            assert failed.value.orig is raised["boom"]
+            assert not conn.in_transaction() and held.tx == "none" and held.tx_start is None
+            begin_fails = False
+            conn.execute(text("SELECT 1"))
             with pytest.raises(sqlalchemy.exc.OperationalError) as failed:
                 conn.execute(text("SELECT 'boom'"))
             assert failed.value.orig is raised["boom"]
