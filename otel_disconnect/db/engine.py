@@ -14,7 +14,6 @@ what the wrapped methods return or raise reaches SQLAlchemy unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import time
@@ -107,8 +106,9 @@ class DbRequest:
             self.pids.append(pid)
 
     def remove(self, conn: ConnState) -> None:
-        with contextlib.suppress(ValueError):
-            self.held.remove(conn)
+        held = self.held  # a request holds one or two connections: scanning twice costs nothing
+        if conn in held:
+            held.remove(conn)
 
     # -- recorder hooks ------------------------------------------------------------------------
 
@@ -340,40 +340,47 @@ class EngineHooks:
                 setattr(dialect, name, previous)
         self.wrapped.clear()
 
-    def _lookup(self, proxied: Any, where: str) -> ConnState | None:
-        """The ConnState of a pooled connection (a ``PoolProxiedConnection``), None if untracked."""
-        if not self.active:
-            return None
-        try:
-            info = proxied.info  # the pool entry's info dict, memoized on the checked-out proxy
-        except NotImplementedError:
-            return None  # the ad hoc proxy of the first connect has none: never checked out
-        except Exception:
-            internal_error(where, self.registry)
-            return None
-        found: ConnState | None = info.get(KEY) if type(info) is dict else None
-        return found
+    # The hot wrappers (begin, commit, rollback, execute) look their ConnState up inline: a
+    # function call more per statement is a measurable share of what they cost.
 
     def _lookup_connection(self, connection: Any, where: str) -> ConnState | None:
         """The ConnState behind a SQLAlchemy Connection (the two-phase methods get one)."""
+        if not self.active:
+            return None
         try:
             # Connection.connection would try to reconnect an invalidated Connection: skip those.
             if connection.invalidated or connection.closed:
                 return None
-            return self._lookup(connection.connection, where)
+            record = connection.connection._connection_record
+            return record.info.get(KEY) if record is not None else None
         except Exception:
             internal_error(where, self.registry)
             return None
 
     def _begin(self, original: Any) -> Any:
-        lookup = self._lookup
+        hooks = self
 
         @functools.wraps(original)
         def do_begin(dbapi_connection: Any) -> Any:
-            conn = lookup(dbapi_connection, "db_begin")
+            conn: ConnState | None = None
+            if hooks.active:
+                try:
+                    # The pool entry behind the checked-out proxy (None once detached); at first
+                    # connect an ad hoc proxy of an entry no request checked out.
+                    record = dbapi_connection._connection_record
+                    conn = record.info.get(KEY) if record is not None else None
+                except Exception:
+                    internal_error("db_begin", hooks.registry)
             if conn is None:
                 return original(dbapi_connection)
-            return _began(conn, original, dbapi_connection)
+            before = conn.tx, conn.tx_start
+            conn.tx = IDLE_IN_TRANSACTION
+            conn.tx_start = time.time()
+            try:
+                return original(dbapi_connection)
+            except BaseException:
+                conn.tx, conn.tx_start = before  # no transaction began
+                raise
 
         return do_begin
 
@@ -385,16 +392,29 @@ class EngineHooks:
             conn = lookup(connection, "db_begin")
             if conn is None:
                 return original(connection, xid)
-            return _began(conn, original, connection, xid)
+            before = conn.tx, conn.tx_start
+            conn.tx = IDLE_IN_TRANSACTION
+            conn.tx_start = time.time()
+            try:
+                return original(connection, xid)
+            except BaseException:
+                conn.tx, conn.tx_start = before
+                raise
 
         return do_begin_twophase
 
     def _ending(self, original: Any, during: str, where: str) -> Any:
-        lookup = self._lookup
+        hooks = self
 
         @functools.wraps(original)
         def ending(dbapi_connection: Any) -> Any:
-            conn = lookup(dbapi_connection, where)
+            conn: ConnState | None = None
+            if hooks.active:
+                try:
+                    record = dbapi_connection._connection_record
+                    conn = record.info.get(KEY) if record is not None else None
+                except Exception:
+                    internal_error(where, hooks.registry)
             # Only an open transaction ends: the pool's rollback of a clean connection, or the
             # do_rollback a two-phase commit runs inside do_commit_twophase, changes nothing.
             if conn is None or conn.tx != IDLE_IN_TRANSACTION:
@@ -443,26 +463,18 @@ class EngineHooks:
 
         return do_prepare_twophase
 
-    def _lookup_context(self, context: Any) -> ConnState | None:
-        """The ConnState of the connection a statement runs on (None: no context, untracked)."""
-        if context is None or not self.active:  # None only for some mssql defaults
-            return None
-        try:
-            info = context._dbapi_connection.info  # the pooled connection the statement runs on
-        except NotImplementedError:
-            return None  # the first connect's statements, on an ad hoc proxy
-        except Exception:
-            internal_error("db_execute", self.registry)
-            return None
-        found: ConnState | None = info.get(KEY) if type(info) is dict else None
-        return found
-
     def _execute(self, original: Any) -> Any:
-        lookup = self._lookup_context
+        hooks = self
 
         @functools.wraps(original)
         def execute(cursor: Any, statement: Any, parameters: Any, context: Any = None) -> Any:
-            conn = lookup(context)
+            conn: ConnState | None = None
+            if context is not None and hooks.active:  # None only for some mssql defaults
+                try:
+                    record = context._dbapi_connection._connection_record
+                    conn = record.info.get(KEY) if record is not None else None
+                except Exception:
+                    internal_error("db_execute", hooks.registry)
             if conn is None:
                 return original(cursor, statement, parameters, context)
             conn.running = True
@@ -474,11 +486,17 @@ class EngineHooks:
         return execute
 
     def _execute_no_params(self, original: Any) -> Any:
-        lookup = self._lookup_context
+        hooks = self
 
         @functools.wraps(original)
         def do_execute_no_params(cursor: Any, statement: Any, context: Any = None) -> Any:
-            conn = lookup(context)
+            conn: ConnState | None = None
+            if context is not None and hooks.active:
+                try:
+                    record = context._dbapi_connection._connection_record
+                    conn = record.info.get(KEY) if record is not None else None
+                except Exception:
+                    internal_error("db_execute", hooks.registry)
             if conn is None:
                 return original(cursor, statement, context)
             conn.running = True
@@ -491,17 +509,6 @@ class EngineHooks:
 
 
 _ABSENT = object()  # the dialect instance had no attribute of its own: the class's method ran
-
-
-def _began(conn: ConnState, original: Any, *args: Any) -> Any:
-    before = conn.tx, conn.tx_start
-    conn.tx = IDLE_IN_TRANSACTION
-    conn.tx_start = time.time()
-    try:
-        return original(*args)
-    except BaseException:
-        conn.tx, conn.tx_start = before  # no transaction began
-        raise
 
 
 def _sync_engine(engine: Any) -> Any:
