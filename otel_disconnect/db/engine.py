@@ -24,7 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from ..failsafe import internal_error
-from ..state import RequestState, current
+from ..state import RequestState, _current
 from ..telemetry import spans
 from ..telemetry.metrics import Metrics, metrics_for
 from . import checkouts as checked_out
@@ -244,12 +244,14 @@ class EngineHooks:
                 pid = info[_PID_KEY] = _backend_pid(
                     self.dialect.get_driver_connection(dbapi_connection)
                 )
-            state = current()
+            state = _current.get()
             conn = ConnState(state, pid, self.db_system, self.metrics)
             info[KEY] = conn
             checked_out.add(id(record), conn)
             if state is not None:
-                state.extra(KEY, DbRequest).add(conn)
+                extras = state.extras
+                found = extras.get(KEY) if extras is not None else None
+                (found or state.extra(KEY, DbRequest)).add(conn)
         except Exception:
             internal_error("db_checkout", self.registry)
 
@@ -326,13 +328,13 @@ class EngineHooks:
             if original is None:
                 continue
             wrapper = make(original)
-            self.wrapped[name] = (dialect.__dict__.get(name, _ABSENT), wrapper)
+            self.wrapped[name] = (_own_attribute(dialect, name, original), wrapper)
             setattr(dialect, name, wrapper)
 
     def _unwrap_dialect(self) -> None:
         dialect = self.dialect
         for name, (previous, wrapper) in self.wrapped.items():
-            if dialect.__dict__.get(name) is not wrapper:
+            if getattr(dialect, name, None) is not wrapper:
                 continue  # wrapped again on top of ours: leave it (ours now calls through)
             if previous is _ABSENT:
                 delattr(dialect, name)  # back to the class's method
@@ -509,6 +511,20 @@ class EngineHooks:
 
 
 _ABSENT = object()  # the dialect instance had no attribute of its own: the class's method ran
+
+
+def _own_attribute(dialect: Any, name: str, found: Any) -> Any:
+    """What the instance itself held under ``name`` (``found``), or _ABSENT for the class's method.
+
+    Without reading ``dialect.__dict__``: on CPython 3.11+ that turns the instance's inline
+    attribute values into a real dict, and every later ``dialect.x`` SQLAlchemy reads per
+    statement gets slower (measured: +3% instructions per sqlite statement).
+    """
+    if getattr(found, "__self__", None) is dialect and getattr(found, "__func__", None) is getattr(
+        type(dialect), name, None
+    ):
+        return _ABSENT
+    return found
 
 
 def _sync_engine(engine: Any) -> Any:
