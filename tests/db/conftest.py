@@ -29,7 +29,7 @@ def pg_url() -> Iterator[str]:
             "postgresql+asyncpg://", "postgresql://"
         )
         return
-    server = EmbeddedPostgres()
+    server = EmbeddedPostgres({"max_prepared_transactions": "4"})  # for the two-phase test
     try:
         server.start()
         yield server.url()

@@ -86,6 +86,14 @@ def test_commit_inside_protect_completes_then_the_request_is_cancelled(
     attrs = span.attributes
     assert attrs["disconnect.protected_section"] == "commit"
     assert attrs["disconnect.outcome"] == "cancelled"
+    # Detected while COMMIT was in flight: the hooks saw the commit start and not yet return.
+    assert attrs["disconnect.db.transaction_state"] == "committing"
+    [event] = [e for e in span.events if e.name == "db.transaction.interrupted"]
+    assert event.attributes["disconnect.db.transaction_state"] == "committing"
+    assert event.attributes["disconnect.db.statement_running"] is False
+    assert telemetry.value(
+        "otel_disconnect_db_transactions_interrupted_total", route="/orders", state="committing"
+    ) == 1
     assert signals.event("order.committed").is_set()
     assert not signals.event("order.finished").is_set()
     row = activity.conn.execute(
