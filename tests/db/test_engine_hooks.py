@@ -181,6 +181,10 @@ def test_driver_exceptions_propagate_unchanged_and_clear_the_state() -> None:
     finally:
         _current.reset(token)
         engine.dispose()
+        # The raised exceptions' tracebacks hold this frame (the engine, the request state), and
+        # the engine's hooks hold the stand-in driver methods that hold them: let them all go.
+        uninstrument_engine(engine)
+        raised.clear()
 
 
 def test_commit_and_rollback_states_while_the_driver_ends_the_transaction() -> None:
