@@ -7,6 +7,7 @@ The middleware object holds configuration only; everything about one request liv
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -109,6 +110,7 @@ class _Cycle:
         "state",
         "tokens",
         "trailers",
+        "watch_handle",
     )
 
     def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send):
@@ -125,13 +127,19 @@ class _Cycle:
         self.trailers = False
         self.tokens: Any = None  # counts an OpenAI-compatible response body (llm.response_tokens)
         self.pump: ReceivePump | None = None
+        self.watch_handle: asyncio.Handle | None = None
         state = self.state = RequestState(scope, spans.current_span())
         if scope.get("method") in _BODYLESS or not _expects_continue(scope):
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
             # reject the request unread; with that header, the app's first receive() goes first.
             # Started on the next turn of the loop: a request that completes without ever
             # yielding (a plain JSON endpoint) never needs it, and then costs nothing.
-            asyncio.get_running_loop().call_soon(self.watch)
+            # An empty context, not a copy of the request's: a copy holds the OpenTelemetry
+            # context (the server span and all it references) until the loop drops the handle,
+            # past the end of a short request, into the garbage collector's older generations.
+            self.watch_handle = asyncio.get_running_loop().call_soon(
+                self.watch, context=contextvars.Context()
+            )
         self.recorder.metrics.in_flight.arrived(state)
 
     # -- the app's receive and the read-ahead ----------------------------------------------------
@@ -146,6 +154,7 @@ class _Cycle:
 
     def watch(self) -> None:
         """The loop's next turn after the request started: read ahead if it is still running."""
+        self.watch_handle = None
         state = self.state
         if state.response_complete or state.ended:
             return
@@ -311,6 +320,13 @@ class _Cycle:
         try:
             state = self.state
             state.ended = True
+            handle = self.watch_handle
+            if handle is not None:
+                # The scheduled watch holds this request (its span, scope, send) until the loop's
+                # next turn; under concurrency that outlives a garbage-collector generation and
+                # doubles the collections. Cancelling drops the reference now.
+                self.watch_handle = None
+                handle.cancel()
             if (
                 failure is None
                 and state.detected_perf is None
