@@ -1,6 +1,6 @@
 """Garbage-collector work per request with many requests in flight, the app driven in-process.
 
-    python bench/gc_concurrency.py [--requests 20000] [--concurrency 32]
+    python bench/gc_concurrency.py [--requests 20000] [--concurrency 32] [--path /stream]
 
 An object graph that outlives its request (a callback still scheduled, a context copy holding the
 span) costs nothing in a one-at-a-time benchmark but, with requests in flight, is alive when a
@@ -24,7 +24,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def _measure(variant: str, requests: int, concurrency: int) -> dict[str, Any]:
+def _measure(variant: str, requests: int, concurrency: int, path: str) -> dict[str, Any]:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     import benchapp
     import micro
@@ -37,7 +37,7 @@ def _measure(variant: str, requests: int, concurrency: int) -> dict[str, Any]:
         async def one() -> None:
             async with gate:
                 cycle = micro.FakeCycle()
-                await app(micro._scope("/hello"), cycle.receive, cycle.send)
+                await app(micro._scope(path), cycle.receive, cycle.send)
 
         await asyncio.gather(*(one() for _ in range(n)))
 
@@ -68,22 +68,23 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--variants", nargs="+", default=["otel", "otel+disconnect", "otel+naive"])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--path", default="/hello", choices=("/hello", "/stream"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_measure(args.child, args.requests, args.concurrency)))
+        print(json.dumps(_measure(args.child, args.requests, args.concurrency, args.path)))
         return
     rows: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
     for _ in range(args.rounds):  # interleaved: the machine's drift hits every variant alike
         for variant in args.variants:
             out = subprocess.run(
                 [sys.executable, __file__, "--child", variant, "--requests", str(args.requests),
-                 "--concurrency", str(args.concurrency)],
+                 "--concurrency", str(args.concurrency), "--path", args.path],
                 capture_output=True, text=True, check=True,
             ).stdout
             rows[variant].append(json.loads(out.splitlines()[-1]))
-    print(f"| variant ({args.concurrency} in flight, /hello) | gen-0 collections | gen-1 | gen-2 "
-          "| GC pause µs/req | CPU µs/req |")
+    print(f"| variant ({args.concurrency} in flight, {args.path}) | gen-0 collections | gen-1 "
+          "| gen-2 | GC pause µs/req | CPU µs/req |")
     print("|---|---:|---:|---:|---:|---:|")
     for variant, runs in rows.items():
         best = min(runs, key=lambda r: r["cpu_us"])

@@ -9,6 +9,9 @@ warm-up, in two processes with a fixed hash seed; the difference of their totals
   uvloop, serving bench/benchapp.py) runs under callgrind; a client outside it sends the requests
   one after another on one keep-alive connection. Everything the server does per request is
   counted: HTTP parsing, the event loop, the app, the garbage collector.
+- ``uvicorn-concurrent``: the same worker with ``CONNECTIONS`` clients at once, each on its own
+  keep-alive connection, so that many requests are in flight together (what wrk does): the cost
+  of objects living across other requests (garbage-collector traversals, promotions) is counted.
 - ``in-process``: the app alone, driven by the fake uvicorn-like server of bench/micro.py with the
   garbage collector off after the warm-up: only the ASGI stack, so the ratio is a stricter one.
 
@@ -37,8 +40,9 @@ sys.path.insert(0, str(HERE))
 
 import procs  # noqa: E402  (bench/ is not a package)
 
-MODES = ("uvicorn", "in-process")
+MODES = ("uvicorn", "uvicorn-concurrent", "in-process")
 WARMUP = 100
+CONNECTIONS = 32
 
 
 def _drive(variant: str, path: str, n: int) -> None:
@@ -102,16 +106,26 @@ def _get(conn: socket.socket, path: str) -> None:
         _recv_until(conn, body, lambda b: b.endswith(b"0\r\n\r\n"))
 
 
-def _count_uvicorn(variant: str, path: str, n: int) -> int:
-    """The whole uvicorn worker under callgrind, ``WARMUP + n`` requests from outside it."""
+def _count_uvicorn(variant: str, path: str, n: int, connections: int = 1) -> int:
+    """The whole uvicorn worker under callgrind, ``WARMUP + n`` requests from outside it, on
+    ``connections`` keep-alive connections at once (each sends its share one after another)."""
     with tempfile.TemporaryDirectory() as tmp:
         callgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out"]
         server = procs.Server(variant, "uvicorn-httptools", callgrind)
         try:
             server.wait_ready(timeout=900)  # valgrind runs Python some 50 times slower
             with socket.create_connection(("127.0.0.1", server.port), timeout=300) as conn:
-                for _ in range(WARMUP + n):
+                for _ in range(WARMUP):
                     _get(conn, path)
+
+            def client(share: int) -> None:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=600) as conn:
+                    for _ in range(share):
+                        _get(conn, path)
+
+            shares = [n // connections + (i < n % connections) for i in range(connections)]
+            with ThreadPoolExecutor(connections) as pool:
+                list(pool.map(client, shares))  # re-raises a client's failure
             # A graceful shut-down, however long it takes under valgrind: callgrind writes its
             # totals when the process exits.
             os.killpg(server.proc.pid, signal.SIGINT)
@@ -145,7 +159,11 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
     os.environ["PYTHONHASHSEED"] = "0"  # the servers inherit it
-    counters = {"uvicorn": _count_uvicorn, "in-process": _count}
+    counters: dict[str, Callable[[str, str, int], int]] = {
+        "uvicorn": _count_uvicorn,
+        "uvicorn-concurrent": lambda v, p, n: _count_uvicorn(v, p, n, CONNECTIONS),
+        "in-process": _count,
+    }
     jobs = [
         (m, p, v, n)
         for m in args.modes
@@ -163,7 +181,11 @@ def main() -> None:
                 / (args.n2 - args.n1)
                 for v in args.variants
             }
-            where = "one uvicorn worker" if mode == "uvicorn" else "app in-process"
+            where = {
+                "uvicorn": "one uvicorn worker",
+                "uvicorn-concurrent": f"one uvicorn worker, {CONNECTIONS} connections",
+                "in-process": "app in-process",
+            }[mode]
             print("\n".join(_table(f"`{path}`, {where}", per_request)) + "\n", flush=True)
 
 

@@ -14,11 +14,15 @@ Compressed upstream streams (``Content-Encoding``) are not counted; bodies httpx
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 import time
 import types
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+import wrapt
 
 from ..failsafe import internal_error
 from ..state import RequestState, current
@@ -26,7 +30,7 @@ from .account import UPSTREAM, Segment, TokenAccount, account_for
 from .openai_stream import JSONUsageParser, SSEUsageParser
 
 _MARK = "_otel_disconnect_original"
-_lock = threading.Lock()
+_lock = threading.RLock()  # a post-import hook may run inside instrument_httpx()
 
 
 class Upstream:
@@ -151,23 +155,44 @@ def _stream_class(mod: types.ModuleType) -> type[CountingStream]:
     return found
 
 
-def _modules() -> list[types.ModuleType]:
-    found = []
-    for name in ("httpx", "httpx2"):
-        try:
-            found.append(__import__(name))
-        except ImportError:
-            continue
-    return found
+_CLIENTS = ("httpx", "httpx2")
+
+
+class _Hooks:
+    registered = False  # post-import hooks cannot be removed, so ``enabled`` gates them
+    enabled = False
+
+
+def _imported() -> list[types.ModuleType]:
+    return [mod for name in _CLIENTS if (mod := sys.modules.get(name)) is not None]
 
 
 def instrument_httpx() -> bool:
-    """Patch httpx (and httpx2) once per process; False when neither is installed."""
-    mods = _modules()
+    """Patch httpx (and httpx2) once per process; False when neither is installed.
+
+    A client library not imported yet is patched when it is (a post-import hook), not imported
+    here: an app that never uses it does not pay for its modules (with the ``opentelemetry-
+    instrument`` launcher, this runs before the app imports anything).
+    """
+    installed = [name for name in _CLIENTS if importlib.util.find_spec(name) is not None]
     with _lock:
-        for mod in mods:
+        _Hooks.enabled = True
+        if not _Hooks.registered:
+            _Hooks.registered = True
+            for name in installed:
+                wrapt.register_post_import_hook(_on_import, name)
+        for mod in _imported():
             _patch(mod)
-    return bool(mods)
+    return bool(installed)
+
+
+def _on_import(mod: types.ModuleType) -> None:
+    try:
+        with _lock:
+            if _Hooks.enabled:
+                _patch(mod)
+    except Exception:
+        internal_error("httpx_upstream")
 
 
 def _patch(mod: types.ModuleType) -> None:
@@ -208,7 +233,8 @@ def _patch(mod: types.ModuleType) -> None:
 
 def uninstrument_httpx() -> None:
     with _lock:
-        for mod in _modules():
+        _Hooks.enabled = False
+        for mod in _imported():
             for cls in (mod.AsyncClient, mod.Client):
                 original = getattr(cls.send, _MARK, None)
                 if original is not None:
