@@ -19,7 +19,7 @@ from .config import Config, options_from
 from .errors import ClientDisconnected
 from .failsafe import internal_error
 from .llm import instrument_upstreams
-from .llm.response_tokens import _USAGE_KEY, JSON_PENDING, feed_tokens, observer_for
+from .llm.response_tokens import Observer, observer_for
 from .receive_pump import ReceivePump
 from .retry import BodyDigest, RetryTracker, fingerprint
 from .routes import route_template
@@ -125,7 +125,7 @@ class _Cycle:
         self.receive_upstream = receive
         self.send_downstream = send
         self.trailers = False
-        self.tokens: Any = None  # counts an OpenAI-compatible response body (llm.response_tokens)
+        self.tokens: Observer | None = None  # an OpenAI-compatible response body's counter
         self.pump: ReceivePump | None = None
         self.watch_handle: asyncio.Handle | None = None
         state = self.state = RequestState(scope, spans.current_span())
@@ -225,14 +225,15 @@ class _Cycle:
         if final and self.retries.entries:  # someone disconnected lately: is this a retry?
             self.check_retry()  # before the final body: the server span ends with it
         if self.tokens is not None and kind == "http.response.body":
-            if (
-                self.tokens is JSON_PENDING
-                and final
-                and (message.get("body") or b"").find(_USAGE_KEY) < 0
-            ):
-                self.tokens = None  # an ordinary JSON response, sent whole: nothing to count
-            else:
-                self.count_tokens(message, final)
+            # OpenAI-compatible responses: tokens in chunks sent before detection were delivered.
+            # Each observer returns the one to keep; ordinary responses drop to None at once.
+            try:
+                self.tokens = self.tokens.feed(
+                    state, message.get("body", b""), state.detected_perf is None, final
+                )
+            except Exception:
+                self.tokens = None
+                internal_error("count_tokens", self.config.registry)
         if final and state.extras and state.detected_perf is None:
             # Token counts of a normal request: the server span ends right after this message.
             self.write_span_now()
@@ -251,17 +252,6 @@ class _Cycle:
             state.response_complete = True
             if self.pump is not None:
                 self.pump.close()
-
-    def count_tokens(self, message: Message, final: bool) -> None:
-        """OpenAI-compatible responses: tokens in chunks sent before detection were delivered."""
-        try:
-            delivered = self.state.detected_perf is None
-            self.tokens = feed_tokens(
-                self.tokens, self.state, message.get("body", b""), delivered, final
-            )
-        except Exception:
-            self.tokens = None
-            internal_error("count_tokens", self.config.registry)
 
     def write_span_now(self) -> None:
         try:

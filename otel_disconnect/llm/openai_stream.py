@@ -111,6 +111,13 @@ class SSEUsageParser:
     def buffered(self) -> int:
         return len(self._buffer) + len(self._data)
 
+    @classmethod
+    def after_foreign(cls, others: int) -> SSEUsageParser:
+        """A parser in the state of one fed ``others`` foreign single events (``foreign_event``)."""
+        parser = cls()
+        parser._others = others
+        return parser
+
     @property
     def foreign(self) -> bool:
         """The stream opened with FOREIGN_EVENTS data events that were not completion chunks:
@@ -235,6 +242,29 @@ class SSEUsageParser:
             return
         if isinstance(choices, list):
             self.counted += sum(1 for choice in choices if _choice_has_output(choice))
+
+
+def foreign_event(data: bytes) -> bool | None:
+    """Whether ``data``, a body chunk at an event boundary, is one whole event that a completion
+    stream would not send, decided with a few searches in C and no parser.
+
+    True: a single data event naming none of the chunk keys (``SSEUsageParser`` would count it
+    towards ``foreign``); False: a single event with no data line (a comment or keep-alive, which
+    the parser ignores); None: anything else (a completion chunk, several events, a partial
+    event, ``[DONE]``), which only the parser can decide.
+    """
+    if (
+        not data.endswith(b"\n\n")
+        or data.find(b"\n\n") != len(data) - 2
+        or len(data) > MAX_EVENT_BYTES
+        or data.find(b"\r") >= 0
+        or data.find(_CHOICES_KEY) >= 0
+        or data.find(_USAGE_KEY) >= 0
+        or data.find(_MODEL_KEY) >= 0
+        or data.find(b"[DONE]") >= 0
+    ):
+        return None
+    return data.startswith(b"data:") or data.find(b"\ndata:") >= 0
 
 
 def _next_newline(data: bytes, start: int) -> int:

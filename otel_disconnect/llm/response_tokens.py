@@ -9,18 +9,19 @@ before the client left (delivered). The token account is only created once a tok
 
 from __future__ import annotations
 
-from typing import Any
-
 from .._types import Message
 from ..state import RequestState
 from .account import RESPONSE, Segment, TokenAccount, account_for
-from .openai_stream import JSONUsageParser, SSEUsageParser
+from .openai_stream import FOREIGN_EVENTS, JSONUsageParser, SSEUsageParser, foreign_event
 
 # A JSON body that does not contain this has no usage to count.
 _USAGE_KEY = b'"completion_tokens"'
 
 
 class ResponseObserver:
+    """Counts a response body with a parser; ``feed()`` returns the observer to keep, or None
+    once the rest of the body is not worth reading."""
+
     __slots__ = ("_account", "_segment", "parser", "state")
 
     def __init__(self, state: RequestState, parser: SSEUsageParser | JSONUsageParser) -> None:
@@ -36,8 +37,10 @@ class ResponseObserver:
             self._account.tally(RESPONSE).add_segment(self._segment, self.state.detected_perf)
         return self._account, self._segment
 
-    def feed(self, body: bytes, delivered: bool, final: bool) -> bool:
-        """Count one body chunk; False once the rest of the body is not worth reading."""
+    def feed(
+        self, state: RequestState, body: bytes, delivered: bool, final: bool
+    ) -> ResponseObserver | None:
+        """Count one body chunk (``delivered``: handed to the server before the client left)."""
         parser = self.parser
         if isinstance(parser, SSEUsageParser):
             n = parser.feed(body) if body else 0
@@ -51,11 +54,7 @@ class ResponseObserver:
                 account, segment = self._open()
                 account.set_model(parser.model)
                 account.usage(self.state, segment, parser.usage_total)
-            return not parser.foreign
-        if final and not parser.buffered and body.find(_USAGE_KEY) < 0:
-            # A whole JSON body in one chunk with no usage in it: an ordinary API response.
-            # One scan in C instead of a parse keeps JSON APIs cheap.
-            return False
+            return None if parser.foreign else self
         parser.feed(body)
         if final:
             total = parser.finish()
@@ -63,49 +62,81 @@ class ResponseObserver:
                 account, segment = self._open()
                 account.set_model(parser.model)
                 account.usage(self.state, segment, total)
-        return True
+        return self
 
 
-def observer_for(state: RequestState, message: Message) -> Any:
+class _PendingSSE:
+    """An event stream not known yet to be a completion stream. Until a chunk says so, whole
+    events are screened in C (``foreign_event``) without a parser: a stream that opens with
+    ``FOREIGN_EVENTS`` foreign data events (progress events, logs) is given up having cost a few
+    searches per chunk; anything else hands over to a parser in the state the screened events
+    would have left it in."""
+
+    __slots__ = ("others",)
+
+    def __init__(self) -> None:
+        self.others = 0
+
+    def feed(
+        self, state: RequestState, body: bytes, delivered: bool, final: bool
+    ) -> ResponseObserver | _PendingSSE | None:
+        if not body:
+            return self
+        foreign = foreign_event(body)
+        if foreign is None:
+            parser = SSEUsageParser.after_foreign(self.others)
+            return ResponseObserver(state, parser).feed(state, body, delivered, final)
+        if foreign:
+            self.others += 1
+            if self.others >= FOREIGN_EVENTS:
+                return None
+        return self
+
+
+class _PendingJSON:
+    """A JSON response not looked at yet: most are ordinary API responses, and a body sent whole
+    without ``completion_tokens`` in it needs no observer object at all (one search in C)."""
+
+    __slots__ = ()
+
+    def feed(
+        self, state: RequestState, body: bytes, delivered: bool, final: bool
+    ) -> ResponseObserver | None:
+        if final and body.find(_USAGE_KEY) < 0:
+            return None
+        return ResponseObserver(state, JSONUsageParser()).feed(state, body, delivered, final)
+
+
+JSON_PENDING = _PendingJSON()
+
+# What the middleware keeps per response: ``observer.feed(...)`` returns the next one.
+Observer = ResponseObserver | _PendingSSE | _PendingJSON
+
+
+def observer_for(state: RequestState, message: Message) -> Observer | None:
     """An observer for an OpenAI-compatible response, or None for anything else."""
     content_type = b""
     # Every response passes here. ASGI requires lower-case response header names, so they are
     # compared as they are; the common exact values skip parsing.
     for name, value in message.get("headers") or ():
         if name == b"content-type":
-            content_type = value if value == b"application/json" else _media_type(value)
+            content_type = _COMMON_TYPES.get(value) or _media_type(value)
         elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             return None  # compressed by an inner middleware: not worth decompressing to count
     if content_type == b"text/event-stream":
-        return ResponseObserver(state, SSEUsageParser())
+        return _PendingSSE()
     if content_type == b"application/json":
         return JSON_PENDING
     return None
 
 
+# Content-Type values as frameworks write them (Starlette adds the charset to text/ types).
+_COMMON_TYPES = {
+    b"application/json": b"application/json",
+    b"text/event-stream": b"text/event-stream",
+    b"text/event-stream; charset=utf-8": b"text/event-stream",
+}
+
+
 def _media_type(value: bytes) -> bytes:
     return value.split(b";", 1)[0].strip().lower()
-
-
-class _PendingJSON:
-    """A JSON response not looked at yet: most are ordinary API responses, and a body sent whole
-    without ``completion_tokens`` in it needs no observer object at all."""
-
-    __slots__ = ()
-
-
-JSON_PENDING: Any = _PendingJSON()
-
-
-def feed_tokens(
-    observer: Any, state: RequestState, body: bytes, delivered: bool, final: bool
-) -> ResponseObserver | None:
-    """Feed one body chunk; returns the observer to keep (None when there is nothing to count)."""
-    found: ResponseObserver
-    if observer is JSON_PENDING:
-        if final and body.find(_USAGE_KEY) < 0:
-            return None
-        found = ResponseObserver(state, JSONUsageParser())
-    else:
-        found = observer
-    return found if found.feed(body, delivered, final) else None

@@ -7,7 +7,12 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otel_disconnect.llm.openai_stream import JSONUsageParser, SSEUsageParser
+from otel_disconnect.llm.openai_stream import (
+    FOREIGN_EVENTS,
+    JSONUsageParser,
+    SSEUsageParser,
+    foreign_event,
+)
 
 
 def _chat(content: str | None = None, **extra: object) -> bytes:
@@ -195,3 +200,56 @@ def test_comments_and_one_other_event_before_chunks_still_count() -> None:
     for _ in range(5):  # once chunks were seen, other events later change nothing
         parser.feed(b'data: {"progress": 1}\n\n')
     assert parser.feed(_chat("c")) == 1
+
+
+def _screened(chunks: list[bytes]) -> tuple[SSEUsageParser | None, int]:
+    """What the middleware does for an event stream (llm.response_tokens._PendingSSE): screen
+    chunks with foreign_event() until one needs the parser; None once the stream is given up."""
+    others = 0
+    for i, chunk in enumerate(chunks):
+        if not chunk:
+            continue
+        verdict = foreign_event(chunk)
+        if verdict is None:
+            parser = SSEUsageParser.after_foreign(others)
+            for rest in chunks[i:]:
+                parser.feed(rest)
+            return parser, others
+        others += verdict
+        if others >= FOREIGN_EVENTS:
+            return None, others
+    return SSEUsageParser.after_foreign(others), others
+
+
+@settings(max_examples=400, deadline=None)
+@given(_events, st.integers(min_value=1, max_value=3), st.integers(min_value=0, max_value=7))
+def test_screening_whole_events_reads_like_the_parser(
+    events: list[bytes], group: int, cut: int
+) -> None:
+    """Screening in C, then the parser from the same state, counts exactly what the parser alone
+    counts, for chunks of whole events or cut anywhere."""
+    stream = b"".join(events)
+    chunks = [b"".join(events[i : i + group]) for i in range(0, len(events), group)]
+    if cut:
+        chunks = [stream[i : i + cut] for i in range(0, len(stream), cut)]
+    alone = SSEUsageParser()
+    for chunk in chunks:
+        alone.feed(chunk)
+    screened, _ = _screened(chunks)
+    if screened is None:
+        assert alone.foreign and alone.counted == 0 and alone.usage_total is None
+        return
+    assert (screened.counted, screened.usage_total, screened.model, screened.malformed,
+            screened.foreign) == (alone.counted, alone.usage_total, alone.model, alone.malformed,
+                                  alone.foreign)
+
+
+def test_foreign_event_verdicts() -> None:
+    assert foreign_event(b'data: {"token": 1}\n\n') is True
+    assert foreign_event(b'event: progress\ndata: 3\n\n') is True
+    assert foreign_event(b": ping\n\n") is False
+    assert foreign_event(_chat("a")) is None  # a completion chunk: for the parser
+    assert foreign_event(b"data: [DONE]\n\n") is None
+    assert foreign_event(b"data: 1\n\ndata: 2\n\n") is None  # two events
+    assert foreign_event(b"data: 1\n") is None  # not at an event boundary
+    assert foreign_event(b"data: 1\r\n\r\n") is None
