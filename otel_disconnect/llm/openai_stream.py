@@ -32,7 +32,7 @@ _TAIL_BYTES = 8 * 1024
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
 # Searched with bytes.find(): ``key in data`` first tries the key as an integer (a byte value)
 # and builds and clears a TypeError on every call, which costs more than the search itself.
-_COMPLETION_KEY = b'"completion_tokens"'
+COMPLETION_KEY = b'"completion_tokens"'  # a JSON body without it has no usage
 _CHOICES_KEY = b'"choices"'
 _USAGE_KEY = b'"usage"'
 _MODEL_KEY = b'"model"'
@@ -208,8 +208,7 @@ class SSEUsageParser:
         self._dispatch_payload(payload)
 
     def _dispatch_payload(self, payload: bytes) -> None:
-        find = payload.find
-        if find(_CHOICES_KEY) < 0 and find(_USAGE_KEY) < 0 and find(_MODEL_KEY) < 0:
+        if not _names_chunk_key(payload):
             # Nothing in it could count or name the model (a chunk names its keys plainly):
             # other SSE streams (progress events, logs) are not parsed at all.
             if payload.strip() == b"[DONE]":
@@ -258,13 +257,17 @@ def foreign_event(data: bytes) -> bool | None:
         or data.find(b"\n\n") != len(data) - 2
         or len(data) > MAX_EVENT_BYTES
         or data.find(b"\r") >= 0
-        or data.find(_CHOICES_KEY) >= 0
-        or data.find(_USAGE_KEY) >= 0
-        or data.find(_MODEL_KEY) >= 0
+        or _names_chunk_key(data)
         or data.find(b"[DONE]") >= 0
     ):
         return None
     return data.startswith(b"data:") or data.find(b"\ndata:") >= 0
+
+
+def _names_chunk_key(data: bytes) -> bool:
+    """Whether ``data`` names a key a completion chunk has: the one rule for which events the
+    parser reads and which ``foreign_event`` may screen out."""
+    return data.find(_CHOICES_KEY) >= 0 or data.find(_USAGE_KEY) >= 0 or data.find(_MODEL_KEY) >= 0
 
 
 def _next_newline(data: bytes, start: int) -> int:
@@ -311,7 +314,7 @@ class JSONUsageParser:
         """Parse what was fed; return the completion tokens, or None when the body has none."""
         body = bytes(self._body)
         self._body = bytearray()
-        if body.find(_COMPLETION_KEY) < 0 and self._head.find(_COMPLETION_KEY) < 0:
+        if body.find(COMPLETION_KEY) < 0 and self._head.find(COMPLETION_KEY) < 0:
             # Most JSON responses are not completions: one search instead of a parse.
             self._head = b""
             return None

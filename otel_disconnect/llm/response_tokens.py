@@ -12,10 +12,13 @@ from __future__ import annotations
 from .._types import Message
 from ..state import RequestState
 from .account import RESPONSE, Segment, TokenAccount, account_for
-from .openai_stream import FOREIGN_EVENTS, JSONUsageParser, SSEUsageParser, foreign_event
-
-# A JSON body that does not contain this has no usage to count.
-_USAGE_KEY = b'"completion_tokens"'
+from .openai_stream import (
+    COMPLETION_KEY,
+    FOREIGN_EVENTS,
+    JSONUsageParser,
+    SSEUsageParser,
+    foreign_event,
+)
 
 
 class ResponseObserver:
@@ -40,7 +43,9 @@ class ResponseObserver:
     def feed(
         self, state: RequestState, body: bytes, delivered: bool, final: bool
     ) -> ResponseObserver | None:
-        """Count one body chunk (``delivered``: handed to the server before the client left)."""
+        """Count one body chunk (``delivered``: handed to the server before the client left).
+        ``state`` is this observer's own; it is passed for the pending observers, which hold
+        none and make a ResponseObserver from it."""
         parser = self.parser
         if isinstance(parser, SSEUsageParser):
             n = parser.feed(body) if body else 0
@@ -102,7 +107,7 @@ class _PendingJSON:
     def feed(
         self, state: RequestState, body: bytes, delivered: bool, final: bool
     ) -> ResponseObserver | None:
-        if final and body.find(_USAGE_KEY) < 0:
+        if final and body.find(COMPLETION_KEY) < 0:
             return None
         return ResponseObserver(state, JSONUsageParser()).feed(state, body, delivered, final)
 
