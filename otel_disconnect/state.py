@@ -18,9 +18,6 @@ PHASE_REQUEST_BODY = "request_body"
 PHASE_BEFORE_RESPONSE = "before_response"
 PHASE_STREAMING = "streaming"
 
-DisconnectListener = Callable[["RequestState"], None]
-
-
 class RequestState:
     """What one HTTP request has done so far. Read-only to the app (see ``current()``)."""
 
@@ -30,7 +27,6 @@ class RequestState:
         "_detected_by",
         "_disconnected_at",
         "_event",
-        "_listeners",
         "_outcome",
         "_phase_at_disconnect",
         "_protected",
@@ -81,7 +77,6 @@ class RequestState:
         self._outcome: str | None = None
         self._phase_at_disconnect: str | None = None
         self._event: asyncio.Event | None = None
-        self._listeners: list[DisconnectListener] | None = None
         self._protected: list[str] | None = None
         self._cancel: Callable[[], None] | None = None
         self._cancel_deferred = False
@@ -184,26 +179,9 @@ class RequestState:
             return True
         return False
 
-    @property
-    def active_protected_section(self) -> str | None:
-        return self._protected[-1] if self._protected else None
-
     def set_outcome(self, outcome: str) -> None:
         if self._outcome is None:
             self._outcome = outcome
-
-    def add_disconnect_listener(self, listener: DisconnectListener) -> None:
-        """Call ``listener(state)`` at detection (database hooks snapshot transactions there)."""
-        if self._listeners is None:
-            self._listeners = []
-        self._listeners.append(listener)
-
-    def remove_disconnect_listener(self, listener: DisconnectListener) -> None:
-        if self._listeners and listener in self._listeners:
-            self._listeners.remove(listener)
-
-    def disconnect_listeners(self) -> list[DisconnectListener]:
-        return list(self._listeners) if self._listeners else []
 
     def extra(self, key: str, factory: Callable[[], Any]) -> Any:
         """The integration object stored under ``key``, created by ``factory`` on first use."""

@@ -7,6 +7,7 @@ object for the same registry, so two middlewares on one registry never register 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import weakref
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+logger = logging.getLogger("otel_disconnect")
 
 PREFIX = "otel_disconnect_"
 
@@ -34,7 +37,10 @@ class Metrics:
     """The metric families. Hot label children are cached: ``labels()`` costs a lock and a tuple."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
-        reg: Any = registry
+        # Made unregistered, then registered one by one (``_register``): a name that another
+        # collector already holds must not fail start-up, nor leave half the families behind.
+        reg: Any = None
+        self.unregistered: list[str] = []
         self.requests = Counter(
             PREFIX + "requests",
             "HTTP requests seen by the disconnect middleware.",
@@ -136,6 +142,30 @@ class Metrics:
             ["where"],
             registry=reg,
         )
+        if registry is not None:
+            for metric in (
+                self.requests,
+                self.client_disconnects,
+                self.client_wait,
+                self.work_after_disconnect,
+                self.inflight,
+                self.sends_after_disconnect,
+                self.bytes_after_disconnect,
+                self.retries_after_disconnect,
+                self.llm_tokens,
+                self.llm_tokens_after_disconnect,
+                self.llm_tokens_undelivered,
+                self.llm_generation_after_disconnect,
+                self.db_transactions_interrupted,
+                self.db_connections_left_open,
+                self.db_checkins,
+                self.internal_errors,
+            ):
+                name = _register(registry, metric)
+                if name is not None:
+                    self.unregistered.append(name)
+            if self.unregistered:
+                self.internal_errors.labels("metric_name_taken").inc(len(self.unregistered))
         self.inflight_connected = self.inflight.labels("connected")
         self.inflight_disconnected = self.inflight.labels("disconnected")
         self.in_flight = InFlight(self.inflight_connected, self.inflight_disconnected)
@@ -233,6 +263,29 @@ def _fast_dec(child: Any) -> Any:
     value = getattr(child, "_value", None)
     inc = getattr(value, "inc", None)
     return functools.partial(inc, -1) if inc is not None else child.dec
+
+
+def _register(registry: CollectorRegistry, metric: Any) -> str | None:
+    """Register one family; its name, with one log line, when the name is taken.
+
+    The family then still works (the package updates it as usual) but is not exported through
+    this registry: otel-disconnect never takes over, or adds samples to, another collector's
+    series. The other families are registered as usual.
+    """
+    try:
+        registry.register(metric)
+        return None
+    except Exception as exc:
+        name = str(metric.describe()[0].name)
+        logger.error(
+            "otel-disconnect: metric %s is not exported by %r: %s. Another collector in that "
+            "registry already uses the name (a second copy of otel-disconnect, or another "
+            "library); the rest of otel-disconnect's metrics are unaffected.",
+            name,
+            registry,
+            exc,
+        )
+        return name
 
 
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
