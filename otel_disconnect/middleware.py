@@ -110,6 +110,7 @@ class _Cycle:
         "pump",
         "receive_upstream",
         "recorder",
+        "released",
         "remembered",
         "retries",
         "retry_checked",
@@ -138,6 +139,7 @@ class _Cycle:
         self.pump: ReceivePump | None = None
         self.watch_handle: asyncio.Handle | None = None
         self.zombie = False  # counted in the "disconnected" in-flight series
+        self.released = False  # the request's bookkeeping is over (release() ran)
         state = self.state = RequestState(scope, spans.current_span())
         if scope.get("method") in _BODYLESS or not _expects_continue(scope):
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
@@ -224,6 +226,8 @@ class _Cycle:
     def detect(self, detected_by: str) -> None:
         """Mark a premature disconnect. Never raises; each step is isolated from the next."""
         state = self.state
+        if self.released:
+            return  # a read that finished after the request's end (its read-ahead failed to close)
         try:
             if not state.mark_disconnected(detected_by):
                 return
@@ -409,6 +413,7 @@ class _Cycle:
         """The end of the request's bookkeeping: runs once, whatever happened before it."""
         state = self.state
         state.ended = True
+        self.released = True
         handle = self.watch_handle
         if handle is not None:
             # The scheduled watch holds this request (its span, scope, send) until the loop's
