@@ -421,11 +421,14 @@ class _Cycle:
             # doubles the collections. Cancelling drops the reference now.
             self.watch_handle = None
             handle.cancel()
-        in_flight = self.recorder.metrics.in_flight
-        if self.zombie:
-            in_flight.zombie_ended(state)
-        else:
-            in_flight.left(state)
+        try:
+            in_flight = self.recorder.metrics.in_flight
+            if self.zombie:
+                in_flight.zombie_ended(state)
+            else:
+                in_flight.left(state)
+        except Exception:  # multi-process gauges write to files; nothing else here can fail
+            internal_error("request_end", self.config.registry)
         pump = self.pump
         if pump is not None:
             try:
