@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from ..telemetry import spans
 from ..telemetry.metrics import PREFIX
 from . import checkouts
+from .libpq_url import conninfo
 
 logger = logging.getLogger("otel_disconnect.pg")
 
@@ -54,9 +55,7 @@ def _dsn_of(dsn_or_engine: Any) -> str:
     url = getattr(dsn_or_engine, "url", None)
     if url is None:
         raise TypeError("PgActivityCollector needs a libpq DSN or a SQLAlchemy engine")
-    # The engine's driver (asyncpg, psycopg) and its query options are not libpq's.
-    url = url.set(drivername="postgresql", query={})
-    return str(url.render_as_string(hide_password=False))
+    return conninfo(url)
 
 
 def _trace_id(span: Any) -> str:
