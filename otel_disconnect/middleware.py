@@ -325,13 +325,16 @@ class _Cycle:
                 and not self.retries.entries
             ):
                 # The common case, kept to a few calls: nothing happened worth a span attribute.
-                # (The read-ahead was closed when the final body was sent.)
+                # (The read-ahead was closed when the final body was sent; a read still running
+                # in a Task is cancelled now.)
+                if self.pump is not None and self.pump.pending:
+                    self.pump.end()
                 metrics = self.recorder.metrics
                 metrics.count_request(route_template(self.scope), state.method)
                 metrics.in_flight.left(state)
                 return
             if self.pump is not None:
-                self.pump.close()
+                self.pump.end()
             if failure == "cancelled" and not state.response_complete:
                 # Cancelled by the server or framework with nothing else telling us why.
                 self.detect("cancelled")
