@@ -17,7 +17,7 @@ import anyio
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config, options_from
 from .errors import ClientDisconnected
-from .failsafe import internal_error
+from .failsafe import internal_error, logger
 from .llm import instrument_upstreams
 from .llm.response_tokens import Observer, observer_for
 from .receive_pump import ReceivePump
@@ -60,6 +60,10 @@ class DisconnectMiddleware:
             return
         try:
             cycle = _Cycle(self, scope, receive, send)
+        except _NotAsyncio:
+            _warn_not_asyncio()
+            await self.app(scope, receive, send)
+            return
         except Exception:
             internal_error("request_start", self.config.registry)
             await self.app(scope, receive, send)
@@ -114,6 +118,10 @@ class _Cycle:
     )
 
     def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send):
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio (anyio's trio backend, Hypercorn's trio worker)
+            raise _NotAsyncio from None
         self.app = mw.app
         self.config = mw.config
         self.recorder = mw.recorder
@@ -137,7 +145,7 @@ class _Cycle:
             # An empty context, not a copy of the request's: a copy holds the OpenTelemetry
             # context (the server span and all it references) until the loop drops the handle,
             # past the end of a short request, into the garbage collector's older generations.
-            self.watch_handle = asyncio.get_running_loop().call_soon(
+            self.watch_handle = loop.call_soon(
                 self.watch, context=contextvars.Context()
             )
         self.recorder.metrics.in_flight.arrived(state)
@@ -355,6 +363,23 @@ class _Cycle:
             self.recorder.end(state)
         except Exception:
             internal_error("request_end", self.config.registry)
+
+
+class _NotAsyncio(Exception):
+    """The request runs on an event loop other than asyncio's (trio)."""
+
+
+_warned: set[str] = set()  # what this process has warned about once
+
+
+def _warn_not_asyncio() -> None:
+    """Once per process: the read-ahead and the request state are built on asyncio."""
+    if "not_asyncio" not in _warned:
+        _warned.add("not_asyncio")
+        logger.warning(
+            "otel-disconnect supports asyncio only; requests on this event loop (trio?) pass "
+            "through unobserved"
+        )
 
 
 def _failure_kind(exc: BaseException) -> str:

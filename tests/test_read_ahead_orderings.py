@@ -108,8 +108,14 @@ def _run(server: FutureServer, app: Any) -> RequestState:
         await app(scope, receive, send)
 
     mw = DisconnectMiddleware(outer, registry=CollectorRegistry())
-    scope = {"type": "http", "method": "POST", "path": "/upload", "headers": [],
-             "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1"}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/upload",
+        "headers": [],
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+    }
 
     async def main() -> None:
         await mw(scope, server.receive, server.send)
