@@ -6,6 +6,7 @@ Validation happens here, at construction, so a bad option fails at start-up with
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -48,6 +49,7 @@ class Config:
     excluded_urls: re.Pattern[str] | None = None
     count_tokens: str = "auto"
     retry_window_s: float = 30.0
+    retry_identity: Callable[[Scope], str | bytes | None] | None = None
     registry: CollectorRegistry | None = None
     tracer_provider: TracerProvider | None = field(default=None, repr=False)
 
@@ -60,6 +62,7 @@ class Config:
         excluded_urls: str | Iterable[str] | None = None,
         count_tokens: str | None = None,
         retry_window_s: float | None = None,
+        retry_identity: Callable[[Scope], str | bytes | None] | str | None = None,
         registry: CollectorRegistry | None = None,
         tracer_provider: TracerProvider | None = None,
     ) -> Config:
@@ -99,6 +102,9 @@ class Config:
             excluded_urls=_compile_excluded(excluded_urls),
             count_tokens=tokens,
             retry_window_s=float(retry_window_s),
+            retry_identity=_identity_hook(
+                retry_identity if retry_identity is not None else _env("RETRY_IDENTITY")
+            ),
             registry=registry,
             tracer_provider=tracer_provider,
         )
@@ -120,6 +126,30 @@ def _compile_excluded(value: str | Iterable[str] | None) -> re.Pattern[str] | No
         return re.compile("|".join(f"(?:{p})" for p in patterns))
     except re.error as exc:
         raise ValueError(f"excluded_urls: invalid regular expression: {exc}") from None
+
+
+def _identity_hook(
+    value: Callable[[Scope], str | bytes | None] | str | None,
+) -> Callable[[Scope], str | bytes | None] | None:
+    """``retry_identity``: a callable(scope), or ``"module:attribute"`` naming one."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        module, _, attr = value.partition(":")
+        try:
+            found: Any = importlib.import_module(module.strip())
+            for part in attr.strip().split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ValueError(
+                f"retry_identity={value!r}: expected 'module:function' ({exc})"
+            ) from None
+        value = found
+    if not callable(value):
+        raise ValueError(
+            f"retry_identity must be a callable(scope) -> str | bytes | None, got {value!r}"
+        )
+    return value
 
 
 def options_from(kwargs: dict[str, Any]) -> Config:

@@ -21,7 +21,7 @@ from .failsafe import internal_error, logger
 from .llm import instrument_upstreams
 from .llm.response_tokens import Observer, observer_for
 from .receive_pump import ReceivePump
-from .retry import BodyDigest, RetryTracker, fingerprint
+from .retry import BodyDigest, RetryTracker, client_identity, fingerprint
 from .routes import route_template
 from .state import RequestState, _current
 from .telemetry import spans
@@ -200,7 +200,7 @@ class _Cycle:
             internal_error("disconnect", self.config.registry)
         if self.retries.enabled and state.body_complete:
             # Remember it now, not when it ends: its retry usually arrives while this request
-            # still runs as a zombie. Checked first, so it never matches itself.
+            # still runs as a zombie. (It never matches itself: it began before its disconnect.)
             self.check_retry()
             self.remember_disconnect()
         if self.config.cancel_on_disconnect is not False:
@@ -293,8 +293,9 @@ class _Cycle:
         self.retry_checked = True
         try:
             route = route_template(self.scope)
-            fp = fingerprint(self.scope, route, self.body_digest)
-            if self.retries.is_retry(fp):
+            fp = self.fingerprint(route)
+            # Only a disconnect seen before this request began can be the one it repeats.
+            if self.retries.is_retry(fp, self.state.start_perf):
                 self.state.retry_of_disconnected = True
                 self.recorder.metrics.retries_after_disconnect.labels(route).inc()
                 spans.set_attributes(self.state.span, {spans.RETRY_OF_DISCONNECTED: True})
@@ -307,9 +308,17 @@ class _Cycle:
         self.remembered = True
         try:
             route = route_template(self.scope)
-            self.retries.remember(fingerprint(self.scope, route, self.body_digest))
+            self.retries.remember(self.fingerprint(route), self.state.detected_perf)
         except Exception:
             internal_error("retry", self.config.registry)
+
+    def fingerprint(self, route: str) -> bytes:
+        try:
+            identity = client_identity(self.scope, self.config.retry_identity)
+        except Exception:  # the app's hook failed: fall back to the client address
+            internal_error("retry_identity", self.config.registry)
+            identity = None
+        return fingerprint(self.scope, route, self.body_digest, identity)
 
     # -- the end -------------------------------------------------------------------------------
 
