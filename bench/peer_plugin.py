@@ -1,9 +1,11 @@
 """pytest plugin for bench/peer_suites.py: wrap every Starlette (and so FastAPI) app of a peer's
 own test suite in DisconnectMiddleware, audit every HTTP request, and record each test's outcome.
 
-Loaded with ``-p peer_plugin`` (``bench/`` on ``PYTHONPATH``). ``PEER_WRAP=1`` wraps; without it
-the plugin only records outcomes (the baseline run). ``PEER_RESULTS`` names the JSON file written
-at the end: ``{"outcomes": {nodeid: outcome}, "audit": [violation, ...], "requests": n}``.
+Loaded with ``-p peer_plugin`` (``bench/`` on ``PYTHONPATH``). ``PEER_WRAP=1`` wraps every app
+called through a test transport (``PEER_WRAP=starlette``: only Starlette apps, when their
+middleware stack is built); without it the plugin only records outcomes (the baseline run).
+``PEER_RESULTS`` names the JSON file written at the end:
+``{"outcomes": {nodeid: outcome}, "audit": [violation, ...], "requests": n, ...}``.
 
 The audit puts a recorder on each side of the middleware:
 
@@ -32,7 +34,16 @@ _current_test = ["<collection>"]
 _lock = threading.Lock()
 _outcomes: dict[str, str] = {}
 _violations: list[dict[str, Any]] = []
-_requests = [0]
+_requests = [0, 0]  # audited, of which on asyncio (on trio the middleware passes requests through)
+
+
+def _on_asyncio() -> bool:
+    import sniffio
+
+    try:
+        return sniffio.current_async_library() == "asyncio"
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
 
 
 def _short(messages: list[Any]) -> list[str]:
@@ -62,10 +73,14 @@ class Outer:
             await self.app(scope, receive, send)
             return
         record: dict[str, list[Any]] = {
-            "server_gave": [], "server_got": [], "app_got": [], "app_sent": []
+            "server_gave": [],
+            "server_got": [],
+            "app_got": [],
+            "app_sent": [],
         }
         token = _record.set(record)
         test = _current_test[0]
+        on_asyncio = _on_asyncio()
 
         async def receive_from_server() -> Any:
             message = await receive()
@@ -83,11 +98,16 @@ class Outer:
             problem = _check(record)
             with _lock:
                 _requests[0] += 1
+                _requests[1] += on_asyncio
                 if problem is not None:
-                    _violations.append({
-                        "test": test, "path": scope.get("path"), "problem": problem,
-                        **{k: _short(v) for k, v in record.items()},
-                    })
+                    _violations.append(
+                        {
+                            "test": test,
+                            "path": scope.get("path"),
+                            "problem": problem,
+                            **{k: _short(v) for k, v in record.items()},
+                        }
+                    )
 
 
 class Inner:
@@ -114,25 +134,50 @@ class Inner:
         await self.app(scope, app_receive, app_send)
 
 
-def _wrap_starlette() -> None:
+def _wrapped(app: Any) -> Any:
     from prometheus_client import CollectorRegistry
-    from starlette.applications import Starlette
 
     from otel_disconnect import DisconnectMiddleware
+
+    # A registry per app: the suites build thousands of apps, each would otherwise register the
+    # same metric names on the global registry.
+    return Outer(DisconnectMiddleware(Inner(app), registry=CollectorRegistry()))
+
+
+def _wrap_test_transports() -> None:
+    """Every app a test calls through Starlette's TestClient or httpx's ASGITransport (FastAPI
+    and Starlette apps, and the raw ASGI callables Starlette's suite tests), wrapped where the
+    server would be: the test keeps its own app object (``client.app`` is unchanged)."""
+    import httpx
+    from starlette import testclient
+
+    for cls in (testclient._TestClientTransport, httpx.ASGITransport):
+        init = cls.__init__
+
+        def __init__(self: Any, *args: Any, __init: Any = init, **kwargs: Any) -> None:
+            __init(self, *args, **kwargs)
+            self.app = _wrapped(self.app)
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _wrap_starlette() -> None:
+    """``PEER_WRAP=starlette``: only Starlette/FastAPI apps, at ``build_middleware_stack``."""
+    from starlette.applications import Starlette
 
     build = Starlette.build_middleware_stack
 
     def build_middleware_stack(self: Any) -> Any:
-        app = build(self)
-        # A registry per app: the suites build thousands of apps, each would otherwise register
-        # the same metric names on the global registry.
-        return Outer(DisconnectMiddleware(Inner(app), registry=CollectorRegistry()))
+        return _wrapped(build(self))
 
     Starlette.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if os.environ.get("PEER_WRAP") == "1":
+    mode = os.environ.get("PEER_WRAP")
+    if mode == "1":
+        _wrap_test_transports()
+    elif mode == "starlette":
         _wrap_starlette()
 
 
@@ -162,4 +207,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     path = os.environ.get("PEER_RESULTS")
     if path:
         with open(path, "w") as out:
-            json.dump({"outcomes": _outcomes, "audit": _violations, "requests": _requests[0]}, out)
+            json.dump(
+                {
+                    "outcomes": _outcomes,
+                    "audit": _violations,
+                    "requests": _requests[0],
+                    "asyncio_requests": _requests[1],
+                },
+                out,
+            )

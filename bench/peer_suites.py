@@ -23,12 +23,14 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".peer_suites"
@@ -36,8 +38,8 @@ SUITES = ("starlette", "fastapi")
 
 # Test dependencies left out: linters, type checkers, coverage and benchmark plugins, parallel
 # runners and output prettifiers change nothing about what the tests check.
-_SKIP = ("mypy", "ruff", "ty", "coverage", "pytest-codspeed", "pytest-cov", "pytest-sugar",
-         "pytest-xdist", "twine", "prek", "zizmor", "playwright", "types-")
+_SKIP = {"mypy", "ruff", "ty", "coverage", "pytest-codspeed", "pytest-cov", "pytest-sugar",
+         "pytest-xdist", "twine", "prek", "zizmor", "playwright"}
 GOOD = ("passed", "xfailed", "skipped")
 
 
@@ -55,7 +57,10 @@ def _requirements(project: Path, suite: str) -> list[str]:
         return out
 
     wanted = expand("dev" if suite == "starlette" else "tests")
-    return [r for r in wanted if not r.replace(" ", "").lower().startswith(_SKIP)]
+    def name(requirement: str) -> str:
+        return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower()
+
+    return [r for r in wanted if name(r) not in _SKIP and not name(r).startswith("types-")]
 
 
 def _sdist(suite: str, version: str) -> Path:
@@ -64,8 +69,19 @@ def _sdist(suite: str, version: str) -> Path:
         return project
     CACHE.mkdir(exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-         f"{suite}=={version}", "-d", str(CACHE)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            f"{suite}=={version}",
+            "-d",
+            str(CACHE),
+        ],
         check=True,
     )
     archive = next(CACHE.glob(f"{suite}-{version}.tar.gz"))
@@ -86,27 +102,47 @@ def _venv(suite: str, version: str, project: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, "-e", str(ROOT)], check=True)
-    if subprocess.run([*pip, *requirements]).returncode != 0:
+    if subprocess.run([*pip, *requirements], check=False).returncode != 0:
         # One unavailable test dependency must not cost the others: install them one by one.
         for requirement in requirements:
-            if subprocess.run([*pip, requirement]).returncode != 0:
-                print(f"peer_suites: could not install {requirement!r}; its tests will not run",
-                      file=sys.stderr)
+            if subprocess.run([*pip, requirement], check=False).returncode != 0:
+                print(
+                    f"peer_suites: could not install {requirement!r}; its tests will not run",
+                    file=sys.stderr,
+                )
     (venv / ".complete").write_text("\n".join(requirements))
     return python
 
 
 def _run(python: Path, project: Path, wrap: bool, extra: list[str]) -> dict[str, object]:
     results = CACHE / f"{project.name}-{'wrapped' if wrap else 'baseline'}.json"
-    env = {**os.environ, "PEER_RESULTS": str(results),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(project)])}
+    env = {
+        **os.environ,
+        "PEER_RESULTS": str(results),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(project)]),
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env["PEER_WRAP"] = "1" if wrap else "0"
     started = time.monotonic()
     subprocess.run(
-        [str(python), "-m", "pytest", "-p", "peer_plugin", "-p", "no:cacheprovider", "-q",
-         "--no-header", "-o", "console_output_style=classic", *extra],
-        cwd=project, env=env, stdout=subprocess.DEVNULL,
+        [
+            str(python),
+            "-m",
+            "pytest",
+            "-p",
+            "peer_plugin",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--no-header",
+            "-o",
+            "console_output_style=classic",
+            *extra,
+        ],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        check=False,  # failing tests are the data, compared below
     )
     data: dict[str, object] = json.loads(results.read_text())
     data["seconds"] = time.monotonic() - started
@@ -117,18 +153,29 @@ def _compare(suite: str, version: str, base: dict[str, object], wrapped: dict[st
     before: dict[str, str] = base["outcomes"]  # type: ignore[assignment]
     after: dict[str, str] = wrapped["outcomes"]  # type: ignore[assignment]
     audit: list[dict[str, object]] = wrapped["audit"]  # type: ignore[assignment]
-    regressed = sorted(t for t, o in before.items() if o in GOOD and after.get(t, "missing") != o
-                       and not (o == "skipped" and after.get(t) == "passed"))
+    regressed = sorted(
+        t
+        for t, o in before.items()
+        if o in GOOD
+        and after.get(t, "missing") != o
+        and not (o == "skipped" and after.get(t) == "passed")
+    )
+
     def count(outcomes: dict[str, str], kind: str) -> int:
         return sum(1 for o in outcomes.values() if o == kind)
 
-    print(f"\n{suite} {version}: {len(before)} tests; baseline passed {count(before, 'passed')}, "
-          f"failed {count(before, 'failed')}, skipped {count(before, 'skipped')}, "
-          f"errors {len(before) - sum(count(before, k) for k in ('passed', 'failed', 'skipped', 'xfailed', 'xpassed'))} "
-          f"({base['seconds']:.0f} s); wrapped passed {count(after, 'passed')}, failed "
-          f"{count(after, 'failed')} ({wrapped['seconds']:.0f} s)")
-    print(f"  requests audited: {wrapped['requests']}; audit findings: {len(audit)}; "
-          f"regressions: {len(regressed)}")
+    print(
+        f"\n{suite} {version}: {len(before)} tests; baseline passed {count(before, 'passed')}, "
+        f"failed {count(before, 'failed')}, skipped {count(before, 'skipped')}, "
+        f"other {sum(1 for o in before.values() if o not in (*GOOD, 'failed'))} "
+        f"({base['seconds']:.0f} s); wrapped passed {count(after, 'passed')}, failed "
+        f"{count(after, 'failed')} ({wrapped['seconds']:.0f} s)"
+    )
+    print(
+        f"  requests audited: {wrapped['requests']} ({wrapped['asyncio_requests']} on asyncio, "
+        f"the rest on trio, passed through); audit findings: {len(audit)}; "
+        f"regressions: {len(regressed)}"
+    )
     for test in regressed:
         print(f"  REGRESSED {test}: {before[test]} -> {after.get(test, 'missing')}")
     for finding in audit[:50]:
