@@ -96,7 +96,12 @@ class protect:
 
 async def _run_shielded(coro: Awaitable[T]) -> T:
     """Await ``coro`` in its own task; a cancellation of the caller waits for it to finish and is
-    re-raised afterwards."""
+    re-raised afterwards. Not on asyncio (trio): awaited in place, where protect()'s anyio
+    shield is what holds off a cancellation."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return await coro
     task = asyncio.ensure_future(coro)
     cancelled = False
     while True:

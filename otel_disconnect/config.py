@@ -7,6 +7,7 @@ allowed, and never inside a request.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -92,6 +93,7 @@ class Config:
     excluded_urls: re.Pattern[str] | None = None
     count_tokens: str = "auto"
     retry_window_s: float = 30.0
+    retry_identity: Callable[[Scope], str | bytes | None] | None = None
     registry: CollectorRegistry | None = None
     tracer_provider: TracerProvider | None = field(default=None, repr=False)
 
@@ -104,6 +106,7 @@ class Config:
         excluded_urls: str | Iterable[str] | None = None,
         count_tokens: str | None = None,
         retry_window_s: float | None = None,
+        retry_identity: Callable[[Scope], str | bytes | None] | str | None = None,
         registry: CollectorRegistry | None = None,
         tracer_provider: TracerProvider | None = None,
     ) -> Config:
@@ -145,6 +148,10 @@ class Config:
             excluded_urls=_compile_excluded(excluded_urls, excluded_from_env),
             count_tokens=tokens,
             retry_window_s=_retry_window(retry_window_s),
+            retry_identity=_identity_hook(
+                retry_identity if retry_identity is not None else _env("RETRY_IDENTITY"),
+                from_env=retry_identity is None,
+            ),
             registry=registry,
             tracer_provider=tracer_provider,
         )
@@ -203,6 +210,27 @@ def metrics_path_from_env(default: str = "/metrics") -> str | None:
     if raw is None:
         return default
     return metrics_path_option(raw, from_env=True)
+
+
+def _identity_hook(
+    value: Callable[[Scope], str | bytes | None] | str | None, from_env: bool = False
+) -> Callable[[Scope], str | bytes | None] | None:
+    """``retry_identity``: a callable(scope), or ``"module:attribute"`` naming one."""
+    where = _where("retry_identity", from_env)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        module, _, attr = value.partition(":")
+        try:
+            found: Any = importlib.import_module(module.strip())
+            for part in attr.strip().split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ValueError(f"{where}={value!r}: expected 'module:function' ({exc})") from None
+        value = found
+    if not callable(value):
+        raise ValueError(f"{where}={value!r}: expected a callable(scope) -> str | bytes | None")
+    return value
 
 
 def options_from(kwargs: dict[str, Any]) -> Config:

@@ -17,11 +17,11 @@ import anyio
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config, options_from
 from .errors import ClientDisconnected
-from .failsafe import internal_error
+from .failsafe import internal_error, logger
 from .llm import instrument_upstreams
 from .llm.response_tokens import Observer, observer_for
 from .receive_pump import ReceivePump
-from .retry import BodyDigest, RetryTracker, fingerprint
+from .retry import BodyDigest, RetryTracker, client_identity, fingerprint
 from .routes import route_template
 from .state import RequestState, _current
 from .telemetry import spans
@@ -64,6 +64,9 @@ class DisconnectMiddleware:
                 cycle = None
             else:
                 cycle = _Cycle(self, scope, receive, send)
+        except _NotAsyncio:
+            _warn_not_asyncio()
+            cycle = None
         except Exception:
             internal_error("request_start", self.config.registry)
             cycle = None
@@ -124,6 +127,10 @@ class _Cycle:
     )
 
     def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send):
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio (anyio's trio backend, Hypercorn's trio worker)
+            raise _NotAsyncio from None
         self.app = mw.app
         self.config = mw.config
         self.recorder = mw.recorder
@@ -149,7 +156,7 @@ class _Cycle:
             # An empty context, not a copy of the request's: a copy holds the OpenTelemetry
             # context (the server span and all it references) until the loop drops the handle,
             # past the end of a short request, into the garbage collector's older generations.
-            self.watch_handle = asyncio.get_running_loop().call_soon(
+            self.watch_handle = loop.call_soon(
                 self.watch, context=contextvars.Context()
             )
         try:
@@ -245,7 +252,7 @@ class _Cycle:
             internal_error("disconnect", self.config.registry)
         if self.retries.enabled and state.body_complete:
             # Remember it now, not when it ends: its retry usually arrives while this request
-            # still runs as a zombie. Checked first, so it never matches itself.
+            # still runs as a zombie. (It never matches itself: it began before its disconnect.)
             self.check_retry()
             self.remember_disconnect()
         if self.config.cancel_on_disconnect is not False:
@@ -341,8 +348,9 @@ class _Cycle:
         self.retry_checked = True
         try:
             route = route_template(self.scope)
-            fp = fingerprint(self.scope, route, self.body_digest)
-            if self.retries.is_retry(fp):
+            fp = self.fingerprint(route)
+            # Only a disconnect seen before this request began can be the one it repeats.
+            if self.retries.is_retry(fp, self.state.start_perf):
                 self.state.retry_of_disconnected = True
                 self.recorder.metrics.retries_after_disconnect.labels(route).inc()
                 spans.set_attributes(self.state.span, {spans.RETRY_OF_DISCONNECTED: True})
@@ -355,9 +363,17 @@ class _Cycle:
         self.remembered = True
         try:
             route = route_template(self.scope)
-            self.retries.remember(fingerprint(self.scope, route, self.body_digest))
+            self.retries.remember(self.fingerprint(route), self.state.detected_perf)
         except Exception:
             internal_error("retry", self.config.registry)
+
+    def fingerprint(self, route: str) -> bytes:
+        try:
+            identity = client_identity(self.scope, self.config.retry_identity)
+        except Exception:  # the app's hook failed: fall back to the client address
+            internal_error("retry_identity", self.config.registry)
+            identity = None
+        return fingerprint(self.scope, route, self.body_digest, identity)
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -389,7 +405,7 @@ class _Cycle:
             self.recorder.metrics.count_request(route_template(self.scope), state.method)
             return
         if self.pump is not None:
-            self.pump.close()
+            self.pump.end()
         if failure == "cancelled" and not state.response_complete:
             # Cancelled by the server or framework with nothing else telling us why.
             self.detect("cancelled")
@@ -432,9 +448,28 @@ class _Cycle:
         pump = self.pump
         if pump is not None:
             try:
-                pump.close()  # idempotent; usually closed when the final body was sent
+                # Idempotent; usually closed when the final body was sent: ending it also
+                # cancels a read still running in a Task (nobody will read it now).
+                pump.end()
             except Exception:
                 internal_error("request_end", self.config.registry)
+
+
+class _NotAsyncio(Exception):
+    """The request runs on an event loop other than asyncio's (trio)."""
+
+
+_warned: set[str] = set()  # what this process has warned about once
+
+
+def _warn_not_asyncio() -> None:
+    """Once per process: the read-ahead and the request state are built on asyncio."""
+    if "not_asyncio" not in _warned:
+        _warned.add("not_asyncio")
+        logger.warning(
+            "otel-disconnect supports asyncio only; requests on this event loop (trio?) pass "
+            "through unobserved"
+        )
 
 
 def _failure_kind(exc: BaseException) -> str:

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import Callable, Generator
 from types import FunctionType
 from typing import Any
+
+import anyio
 
 from ._types import Message, Receive
 
@@ -245,7 +248,13 @@ class ReceivePump:
             if self._error is not None:
                 exc, self._error = self._error, None
                 raise exc
-            if self.pending and not self._closed:
+            if self._closed and self._task is not None and _only_if_ready():
+                # After the response, a caller that wants only what is there at once (Starlette's
+                # is_disconnected() reads in a cancelled scope) must not wait for the Task: it is
+                # withdrawn and the app reads for itself, as it would without the read-ahead.
+                self._cancel_task()
+                continue
+            if self.pending:  # a read-ahead in progress (after close() only a Task's) goes first
                 waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 self._waiters.append(waiter)
                 try:
@@ -267,28 +276,88 @@ class ReceivePump:
             return message
 
     def close(self) -> None:
-        """Stop reading ahead (the response is complete, or the app ended). Idempotent."""
+        """Stop reading ahead: the final response body was sent (or the app ended). Idempotent.
+
+        Nothing already taken from the server is dropped: a read that has finished, even if its
+        callback has not run yet (it finished in this same turn of the loop), is kept for the
+        app's next ``receive()``. A driven read still waiting is withdrawn (its future cancelled,
+        as a cancelled Task would, so a server that hands the message over in the future's result
+        keeps it); a read in a Task is left to finish, since cancelling it could lose a message
+        its receive() had already taken, and is cancelled only by ``end()``.
+        """
         if self._closed:
             return
         self._closed = True
-        future, self._future = self._future, None
-        if future is not None:
-            with contextlib.suppress(Exception):
-                future.remove_done_callback(self._wake)
-        it, self._iter = self._iter, None
-        if it is not None:
-            stop = getattr(it, "close", None) or getattr(it, "cancel", None)
-            if stop is not None:
-                stop()
-        task, self._task = self._task, None
-        if task is not None:
-            task.remove_done_callback(self._task_done)
-            task.cancel()
+        if self._iter is not None:
+            self._finish_driven()
+        task = self._task
+        if task is not None and task.done():
+            self._task_done(task)
         self._wake_waiters()
         # observe is the request's bound method, and the request holds this pump: drop the
         # reference so the pair is freed by reference counting, not by a GC pass.
         self._observe = _ignore
         self._on_error = _no_error_hook
+
+    def end(self) -> None:
+        """The app returned: cancel a read still running in a Task (nobody will read it)."""
+        self.close()
+        self._cancel_task()
+
+    def _cancel_task(self) -> None:
+        task = self._task
+        if task is None:
+            return
+        task.remove_done_callback(self._task_done)
+        if task.done():  # finished in this turn: its message is kept, not thrown away
+            self._task_done(task)
+        else:
+            self._task = None
+            task.cancel()
+
+    def _finish_driven(self) -> None:
+        """At close: run the parked read on while it can make progress without waiting."""
+        for _ in range(_FINISH_STEPS):
+            it, future = self._iter, self._future
+            if it is None:
+                return
+            if future is not None and not future.done():
+                break
+            # Done (its wake-up callback is still queued) or a bare yield: resume it now.
+            if future is not None:
+                with contextlib.suppress(Exception):
+                    future.remove_done_callback(self._wake)
+            self._iter = self._future = None
+            try:
+                message = self._advance(it)
+            except BaseException as exc:
+                self._fail(exc)
+                return
+            if message is not None:
+                self._accept(message)
+                return
+        it, future = self._iter, self._future
+        self._iter = self._future = None
+        if future is not None:
+            with contextlib.suppress(Exception):
+                future.remove_done_callback(self._wake)
+            future.cancel()
+        if it is not None:
+            stop = getattr(it, "close", None) or getattr(it, "cancel", None)
+            if stop is not None:
+                stop()
+
+
+# A read that keeps yielding without waiting (sleep(0) loops) is given this many steps at close.
+_FINISH_STEPS = 8
+
+
+def _only_if_ready() -> bool:
+    """The caller runs in a cancelled anyio scope: it asks for a message only if one is ready."""
+    try:
+        return anyio.current_effective_deadline() == -math.inf
+    except Exception:  # not inside anything anyio knows
+        return False
 
 
 def _ignore(message: Message) -> None:

@@ -176,11 +176,27 @@ def test_retries_are_flagged_and_distinct_requests_are_not(telemetry: Telemetry)
 def test_retry_tracker_is_bounded_and_expires() -> None:
     tracker = RetryTracker(window_s=10, max_entries=100)
     for i in range(1000):
-        tracker.remember(i.to_bytes(8, "big"), now=float(i) / 1000)
+        tracker.remember(i.to_bytes(8, "big"), at=float(i) / 1000)
     assert len(tracker) == 100
-    assert tracker.is_retry((999).to_bytes(8, "big"), now=1.0)
-    assert not tracker.is_retry((0).to_bytes(8, "big"), now=1.0)  # evicted
-    assert not tracker.is_retry((999).to_bytes(8, "big"), now=20.0)  # expired
+    assert tracker.is_retry((999).to_bytes(8, "big"), started=1.0, now=1.0)
+    assert not tracker.is_retry((0).to_bytes(8, "big"), started=1.0, now=1.0)  # evicted
+    # Kept past the window (a long retry is checked at its end), matched only within it.
+    assert not tracker.is_retry((999).to_bytes(8, "big"), started=11.5, now=15.0)
+    assert tracker.is_retry((999).to_bytes(8, "big"), started=10.5, now=20.5)
+    assert not tracker.is_retry((999).to_bytes(8, "big"), started=10.5, now=21.5)  # expired
     assert len(tracker) == 0
+
+
+def test_only_a_request_that_began_after_the_disconnect_is_its_retry() -> None:
+    tracker = RetryTracker(window_s=10)
+    fp = b"12345678"
+    tracker.remember(fp, at=5.0)
+    assert not tracker.is_retry(fp, started=4.9, now=6.0)  # already running: a neighbour
+    assert not tracker.is_retry(fp, started=5.0, now=6.0)  # the disconnected request itself
+    assert tracker.is_retry(fp, started=5.1, now=6.0)
+    # A retry that disconnects too keeps the first disconnect for a request started between.
+    tracker.remember(fp, at=7.0)
+    assert tracker.is_retry(fp, started=6.0, now=8.0)
+    assert tracker.is_retry(fp, started=7.5, now=8.0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -70,3 +71,23 @@ def test_two_workers_share_their_metrics(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_dead_workers_leave_the_in_flight_gauge(tmp_path: Path) -> None:
+    """uvicorn never calls mark_process_dead: a worker killed with a request in flight must not
+    hold the livesum gauge up for ever. Its counters still count."""
+    from .multiproc_server import both_workers, scrape, uvicorn_workers, value
+
+    with uvicorn_workers(tmp_path) as port:
+        pids, sent = both_workers(port)
+        with RawClient(port) as client:
+            client.request("GET", "/hold")
+            wait_for(lambda: value(scrape(port), "otel_disconnect_inflight_requests",
+                                   'client="connected"') == 1)
+            for pid in pids:  # workers this test's server started
+                os.kill(pid, signal.SIGKILL)
+            # uvicorn starts new workers; their scrape must not count the dead one's request.
+            text = wait_for(lambda: (t := scrape(port)) and value(
+                t, "otel_disconnect_inflight_requests", 'client="connected"') == 0 and t,
+                timeout=60)
+        assert value(text, "otel_disconnect_requests_total", 'method="GET",route="/hello"') == sent
