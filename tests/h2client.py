@@ -41,12 +41,12 @@ class Stream:
 
 
 @dataclass(frozen=True)
-class TestCertificate:
+class Certificate:
     certfile: Path
     keyfile: Path
 
 
-def make_test_certificate(directory: Path) -> TestCertificate:
+def make_test_certificate(directory: Path) -> Certificate:
     """A self-signed certificate for 127.0.0.1 (and localhost), valid for one day."""
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -78,7 +78,7 @@ def make_test_certificate(directory: Path) -> TestCertificate:
         check=True,
         capture_output=True,
     )
-    return TestCertificate(cert, key)
+    return Certificate(cert, key)
 
 
 class H2Client:
@@ -88,7 +88,7 @@ class H2Client:
         self,
         port: int,
         *,
-        certificate: TestCertificate | None = None,
+        certificate: Certificate | None = None,
         authority: str | None = None,
         timeout: float = 10.0,
     ) -> None:
@@ -322,7 +322,7 @@ class H2Client:
 
 
 @contextlib.contextmanager
-def h2_connection(port: int, *, certificate: TestCertificate | None = None) -> Iterator[H2Client]:
+def h2_connection(port: int, *, certificate: Certificate | None = None) -> Iterator[H2Client]:
     client = H2Client(port, certificate=certificate)
     try:
         yield client
