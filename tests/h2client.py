@@ -182,11 +182,16 @@ class H2Client:
             self.conn.send_data(stream_id, data, end_stream=end_stream)
             self._flush()
 
-    def reset(self, stream_id: int, error_code: ErrorCodes = ErrorCodes.CANCEL) -> None:
-        """RST_STREAM on one stream; the connection and its other streams stay open."""
+    def reset(self, stream_id: int, error_code: ErrorCodes = ErrorCodes.CANCEL) -> bytes:
+        """RST_STREAM on one stream; the connection and its other streams stay open.
+
+        Returns the body received on that stream up to the reset (nothing arrives after it).
+        """
         with self._cond:
+            received = self.streams[stream_id].body
             self.conn.reset_stream(stream_id, error_code)
             self._flush()
+        return received
 
     def goaway(self, error_code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
         """Send GOAWAY and then close the connection, as a client that shuts down does."""

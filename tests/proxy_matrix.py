@@ -26,8 +26,9 @@ POINTS = ("request_body", "before_response", "streaming")
 # The app's work when nobody stops it: /work sleeps this long, /stream sends this many chunks.
 WORK_S = 1.5
 STREAM_CHUNKS, STREAM_INTERVAL_S = 100, 0.015
-# Generous: measured delays are a few ms (README); this only catches "not promptly".
-DELAY_BOUND_S = 1.0
+# "Promptly", as an order of events rather than a clock: a detected mid-stream hang-up stops
+# the stream within this many of the app's chunks after the close (measured: 0 to 4).
+STREAM_STEPS_BOUND = 10
 
 
 @dataclass(frozen=True)
