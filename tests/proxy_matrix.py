@@ -138,6 +138,11 @@ def _observe(up: Upstream, route: str, closed_at: float, timeout: float) -> Obse
     )
 
 
+def _logged_aborts(proxy: Proxy) -> int:
+    log = proxy.workdir / "proxy.log"
+    return log.read_text(errors="replace").count("prematurely closed") if log.exists() else 0
+
+
 def _reset(up: Upstream) -> None:
     up.signals.events.clear()
     up.signals.values.clear()
@@ -152,11 +157,11 @@ def run_case(up: Upstream, proxy: Proxy, point: str, expect: Expect | None = Non
             client.request("POST", "/upload", headers={"Content-Length": "100000"}, send_body=False)
             client.send(b"x" * 1000)
             if expect is not None and not expect.reaches_app:
-                # The proxy holds the body; nothing reaches the app. Close once the proxy has
-                # read what was sent, then wait for the proxy to log the client's abort.
-                closed_at = time.time()
+                # The proxy holds the body and nothing reaches the app: close, and wait until
+                # the proxy logged this client's abort (one more line than before).
+                aborts = _logged_aborts(proxy)
                 client.close()
-                wait_for(lambda: "prematurely closed" in proxy.log_tail(), timeout=10)
+                wait_for(lambda: _logged_aborts(proxy) > aborts, timeout=10)
                 return Observation(
                     reached_app="upload.started" in up.signals.values, detected=False
                 )
