@@ -93,3 +93,18 @@ def test_probe_through_the_proxy(proxy: Proxy) -> None:
         assert f"came through {proxy.kind}" in out, out
     else:
         assert "came through" not in out, out
+
+
+def test_identify_the_proxy_from_server_and_via_headers() -> None:
+    from otel_disconnect.proxy_advice import advice, identify
+
+    assert identify([{"server": "Caddy, uvicorn"}]) == "caddy"  # Caddy adds a second Server
+    assert identify([{"server": "nginx/1.22.1"}]) == "nginx"
+    assert identify([{"server": "uvicorn"}, {"via": "1.1 haproxy"}]) == "haproxy"
+    assert identify([{"server": "uvicorn"}]) is None
+    # Unknown proxy: what to check on each of them.
+    unknown = advice(None, ["before_response"])
+    assert [line.split(":")[1].strip() for line in unknown] == ["nginx", "Caddy", "HAProxy"]
+    assert advice("nginx", ["before_response"]) == [
+        "before_response: nginx: proxy_ignore_client_abort on keeps the upstream request "
+        "running after the client left; set it off (the default)"]
