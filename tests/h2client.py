@@ -19,7 +19,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,12 +193,14 @@ class H2Client:
             self._flush()
         return received
 
-    def goaway(self, error_code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
-        """Send GOAWAY and then close the connection, as a client that shuts down does."""
+    def goaway(self, error_code: ErrorCodes = ErrorCodes.NO_ERROR, *, close: bool = True) -> None:
+        """Send GOAWAY; then close the connection (``close=True``), as a client that shuts down
+        does, or leave it to the server (``close=False``)."""
         with self._cond:
             self.conn.close_connection(error_code)
             self._flush()
-        self.close()
+        if close:
+            self.close()
 
     def close(self) -> None:
         """Close the TCP connection (every open stream with it)."""
@@ -291,9 +293,8 @@ class H2Client:
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.goaway_received = event
 
-    def wait(self, predicate: object, timeout: float = 10.0) -> None:
+    def wait(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
         """Wait until ``predicate()`` holds (checked under the lock whenever frames arrive)."""
-        assert callable(predicate)
         deadline = time.monotonic() + timeout
         with self._cond:
             while not predicate():
