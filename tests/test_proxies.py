@@ -77,3 +77,29 @@ def test_hang_up_through_the_proxy(proxy: Proxy, upstream: Upstream, point: str)
     elif point == "before_response":
         # Not detected: the app worked to its end for nobody.
         assert "work.finished" in upstream.signals.values, seen
+
+
+def test_bench_script_measures_the_table() -> None:
+    """bench/proxies.py, which measured the README's figures, still runs and agrees with it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import require_binary
+
+    require_binary("caddy")
+    bench = Path(__file__).resolve().parent.parent / "bench" / "proxies.py"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--trials", "1", "--proxies", "caddy"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| caddy |")]
+    assert len(rows) == 2 * len(SETTINGS["caddy"]), run.stdout  # printed as measured, then all
+    for row in rows[: len(SETTINGS["caddy"])]:
+        setting, *cells = (c.strip() for c in row.strip("|").split("|")[1:])
+        for point, cell in zip(POINTS, cells, strict=True):
+            detected = EXPECTED[("caddy", setting)][point].detected
+            assert cell.startswith("1/1: " if detected else "0/1"), (setting, point, cell)
