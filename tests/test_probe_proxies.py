@@ -33,7 +33,10 @@ METRICS = "/otel-disconnect/metrics"
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[ServerThread]:
-    sim = Simulator(SimConfig(ttft=0.2, tokens_per_second=100, max_tokens=100))
+    # A non-streaming answer takes 3 s: the probe hangs up after 1 s, well after the proxy has
+    # passed the request on (HAProxy's abortonclose does abort a request it is still connecting
+    # upstream, which on a loaded machine can take longer than the probe's default 0.2 s).
+    sim = Simulator(SimConfig(ttft=0.2, tokens_per_second=100, max_tokens=300))
     # The simulator serves its vLLM-named series at /metrics; the package's go beside them.
     app = instrument_app(
         create_app(simulator=sim), registry=CollectorRegistry(), metrics_path=METRICS
@@ -65,6 +68,8 @@ def test_probe_through_the_proxy(proxy: Proxy) -> None:
             "1",
             "--wait",
             "4",
+            "--delay",
+            "1",
             "--metrics-url",
             proxy.url + METRICS,
         ],
