@@ -16,16 +16,27 @@ from .test_protocol import FakeServer, middleware
     ("http_version", "method", "messages", "phase"),
     [
         # HTTP/2: a POST's body is framed by DATA frames; half of it came, then the reset.
-        ("2", "POST", [{"type": "http.request", "body": b"{", "more_body": True}],
-         "request_body"),
+        ("2", "POST", [{"type": "http.request", "body": b"{", "more_body": True}], "request_body"),
         # The whole body came (END_STREAM): waiting for the response.
-        ("2", "POST", [{"type": "http.request", "body": b"{}", "more_body": False}],
-         "before_response"),
-        ("2", "GET", [{"type": "http.request", "body": b"", "more_body": False}],
-         "before_response"),
+        (
+            "2",
+            "POST",
+            [{"type": "http.request", "body": b"{}", "more_body": False}],
+            "before_response",
+        ),
+        (
+            "2",
+            "GET",
+            [{"type": "http.request", "body": b"", "more_body": False}],
+            "before_response",
+        ),
         # HTTP/1.1 without Content-Length or Transfer-Encoding has no body.
-        ("1.1", "POST", [{"type": "http.request", "body": b"", "more_body": False}],
-         "before_response"),
+        (
+            "1.1",
+            "POST",
+            [{"type": "http.request", "body": b"", "more_body": False}],
+            "before_response",
+        ),
     ],
 )
 async def test_phase_without_content_length(
@@ -42,7 +53,13 @@ async def test_phase_without_content_length(
         await asyncio.wait_for(state.wait_disconnected(), 5)
         observed["phase"] = state.phase
 
-    scope = {"type": "http", "method": method, "path": "/x", "headers": [],
-             "http_version": http_version, "asgi": {"version": "3.0", "spec_version": "2.3"}}
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": "/x",
+        "headers": [],
+        "http_version": http_version,
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+    }
     await middleware(app)(scope, server.receive, server.send)
     assert observed["phase"] == phase

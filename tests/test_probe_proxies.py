@@ -112,4 +112,5 @@ def test_identify_the_proxy_from_server_and_via_headers() -> None:
     assert [line.split(":")[1].strip() for line in unknown] == ["nginx", "Caddy", "HAProxy"]
     assert advice("nginx", ["before_response"]) == [
         "before_response: nginx: proxy_ignore_client_abort on keeps the upstream request "
-        "running after the client left; set it off (the default)"]
+        "running after the client left; set it off (the default)"
+    ]
