@@ -193,6 +193,9 @@ class RequestState:
         return found
 
 
+_BODYLESS_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
+
+
 def _declares_body(scope: Scope) -> bool:
     """Whether the request has a body still to arrive (a GET usually has none to wait for)."""
     for name, value in scope.get("headers") or ():
@@ -201,7 +204,9 @@ def _declares_body(scope: Scope) -> bool:
             return True
         if lname == b"content-length":
             return value.strip() not in (b"0", b"")
-    return False
+    # HTTP/2 and HTTP/3 frame a body without either header (Content-Length is optional there
+    # and Transfer-Encoding is forbidden): a POST's body is pending until the server says so.
+    return scope.get("http_version") in ("2", "3") and scope.get("method") not in _BODYLESS_METHODS
 
 
 _current: ContextVar[RequestState | None] = ContextVar("otel_disconnect_request", default=None)
