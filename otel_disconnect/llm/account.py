@@ -68,7 +68,13 @@ class Segment:
     """One counted stream of tokens: a response body, one upstream call, or record_tokens()."""
 
     __slots__ = (
-        "after", "by_chunks", "counted", "delivered", "usage_total", "window_end", "window_start"
+        "after",
+        "by_chunks",
+        "counted",
+        "delivered",
+        "usage_total",
+        "window_end",
+        "window_start",
     )
 
     def __init__(self, window_start: float) -> None:
@@ -318,7 +324,9 @@ class TokenAccount:
         if undelivered > old_undelivered:
             metrics.llm_tokens_undelivered.labels(route, model).inc(undelivered - old_undelivered)
         self.reported = (
-            max(total, old_total), max(after, old_after), max(undelivered, old_undelivered)
+            max(total, old_total),
+            max(after, old_after),
+            max(undelivered, old_undelivered),
         )
 
     def _finish_when_idle(self, state: RequestState) -> None:

@@ -207,11 +207,7 @@ class SSEUsageParser:
                 if self.counted - before == 1 and self._head is None:
                     self._learn(data)
                 return self.counted - before
-            if (
-                data.endswith(b"\n\n")
-                and len(data) <= self.max_buffer
-                and data.find(b"\r") < 0
-            ):
+            if data.endswith(b"\n\n") and len(data) <= self.max_buffer and data.find(b"\r") < 0:
                 # Several whole events: split in C instead of walking line ends.
                 return self._feed_events(data)
         self._head = None  # events split across body chunks: no template until they line up
