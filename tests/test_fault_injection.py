@@ -62,7 +62,7 @@ FAULT_POINTS: list[tuple[str, Any, str]] = [
     ("detection: mark", RequestState, "mark_disconnected"),
     ("detection: recorder", recorder.Recorder, "disconnect"),
     ("tokens: observer choice", otel_disconnect.middleware, "observer_for"),
-    ("tokens: account", llm_account.TokenAccount, "counted"),
+    ("tokens: account", llm_account.TokenAccount, "tally"),
     ("tokens: usage", llm_account.TokenAccount, "usage"),
     ("tokens: span attributes", llm_account.TokenAccount, "span_attributes"),
     ("tokens: record end", llm_account.TokenAccount, "record_end"),
