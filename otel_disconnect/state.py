@@ -153,8 +153,9 @@ class RequestState:
         await self._event.wait()
 
     def __repr__(self) -> str:
+        gone = self._disconnected_at is not None  # not the property: reading it marks "seen"
         return (
-            f"<RequestState {self.method} route={self.route!r} disconnected={self._disconnected_at is not None}"
+            f"<RequestState {self.method} route={self.route!r} disconnected={gone}"
             f" phase={self.phase!r} detected_by={self._detected_by!r} outcome={self._outcome!r}>"
         )
 

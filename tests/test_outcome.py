@@ -17,7 +17,7 @@ from .conftest import Telemetry
 from .servers import RawClient, serve, wait_for
 
 
-def _app(telemetry: Telemetry, started: asyncio.Event | None = None) -> tuple[FastAPI, list[str]]:
+def _app(telemetry: Telemetry) -> tuple[FastAPI, list[str]]:
     app = FastAPI()
     seen: list[str] = []
 
@@ -25,8 +25,7 @@ def _app(telemetry: Telemetry, started: asyncio.Event | None = None) -> tuple[Fa
         seen.append("started")
         state = current()
         assert state is not None
-        while state.detected_perf is None:  # the package's own look: not "the app saw it"
-            await asyncio.sleep(0.005)
+        await state.wait_disconnected()  # waiting is not "the app saw it and stopped"
 
     @app.get("/empty")
     async def empty() -> Response:
