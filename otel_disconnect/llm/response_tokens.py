@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .._types import Message
 from ..state import RequestState
-from .account import RESPONSE, Segment, TokenAccount, account_for
+from .account import ENGINE_KEY, RESPONSE, Segment, TokenAccount, account_for
 from .openai_stream import (
     COMPLETION_KEY,
     FOREIGN_EVENTS,
@@ -120,6 +120,8 @@ Observer = ResponseObserver | _PendingSSE | _PendingJSON
 
 def observer_for(state: RequestState, message: Message) -> Observer | None:
     """An observer for an OpenAI-compatible response, or None for anything else."""
+    if state.extras and ENGINE_KEY in state.extras:
+        return None  # the engine counts this request's tokens exactly: no parsing
     content_type = b""
     # Every response passes here. ASGI requires lower-case response header names, so they are
     # compared as they are; the common exact values skip parsing.

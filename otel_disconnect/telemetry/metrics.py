@@ -35,6 +35,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         reg: Any = registry
+        self.registry = registry  # integrations register their own families on it
         self.requests = Counter(
             PREFIX + "requests",
             "HTTP requests seen by the disconnect middleware.",
