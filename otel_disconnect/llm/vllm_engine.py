@@ -18,10 +18,10 @@ non-streaming request). Three methods of it are wrapped:
   ``otel_disconnect_llm_engine_aborted_tokens_total`` (tokens it had generated), by model and
   phase. A request aborted while still queued generated 0 tokens and counts 0.
 
-The model label is vLLM's served model name, read from the ``AsyncLLM`` in ``generate`` (a
-class attribute lookup, no wrapper around the generator). vLLM is never imported here: the
-classes are patched when vLLM imports its module (a post-import hook), or at once when it
-already has. Each wrapped method keeps the original under ``_otel_disconnect_original``.
+The model label is vLLM's served model name, read from the ``AsyncLLM`` in ``generate`` (no
+wrapper around the generator it returns) into ``state.extras[ENGINE_KEY]``. vLLM is never
+imported here: the classes are patched when vLLM imports its module (a post-import hook), or at
+once when it already has. Each wrapper keeps the original under ``_otel_disconnect_original``.
 """
 
 from __future__ import annotations
@@ -157,10 +157,6 @@ def _patch(mod: types.ModuleType) -> None:
         _patch_async_llm(mod.AsyncLLM)
 
 
-# The served model name of the AsyncLLM whose generate() this request is in.
-_model_of_request: weakref.WeakKeyDictionary[RequestState, str] = weakref.WeakKeyDictionary()
-
-
 def _patch_async_llm(cls: Any) -> None:
     original = cls.generate
     if hasattr(original, _MARK):
@@ -173,8 +169,9 @@ def _patch_async_llm(cls: Any) -> None:
                 name = self.model_config.served_model_name
                 if isinstance(name, (list, tuple)):
                     name = name[0] if name else None
-                if name:
-                    _model_of_request[state] = str(name)
+                mark: EngineMark = state.extra(ENGINE_KEY, EngineMark)
+                if name and mark.model is None:
+                    mark.model = str(name)
             except Exception:
                 internal_error("vllm_engine")
         return original(self, *args, **kwargs)
@@ -197,8 +194,8 @@ def _patch_output_processor(cls: Any) -> None:
             try:
                 request_id = request.request_id
                 if request_id not in _live:
-                    _live[request_id] = EngineRequest(state, _model_of_request.get(state))
-                    state.extra(ENGINE_KEY, _engine_marker)
+                    mark: EngineMark = state.extra(ENGINE_KEY, EngineMark)
+                    _live[request_id] = EngineRequest(state, mark.model)
             except Exception:
                 internal_error("vllm_engine")
         return result
@@ -247,14 +244,11 @@ def _patch_output_processor(cls: Any) -> None:
     cls.abort_requests = abort_requests
 
 
-class _EngineMarker:
-    """``state.extras[ENGINE_KEY]``: the engine counts this request's tokens."""
+class EngineMark:
+    """``state.extras[ENGINE_KEY]``: the engine counts this request's tokens (the response and
+    upstream parsers skip it); the served model name its ``AsyncLLM`` reported."""
 
-    __slots__ = ()
+    __slots__ = ("model",)
 
-
-_ENGINE_MARKER = _EngineMarker()
-
-
-def _engine_marker() -> _EngineMarker:
-    return _ENGINE_MARKER
+    def __init__(self) -> None:
+        self.model: str | None = None
