@@ -25,17 +25,17 @@ from typing import Any
 # No GPU here: vLLM's CPU platform, so that its argument parser can infer a device.
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
-import uvicorn  # noqa: E402
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from vllm.entrypoints.common.cli_args import make_arg_parser  # noqa: E402
-from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware  # noqa: E402
-from vllm.entrypoints.serve.utils.api_utils import with_cancellation  # noqa: E402
-from vllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
-from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
-from vllm.v1.engine import EngineCoreOutput, EngineCoreRequest, FinishReason  # noqa: E402
-from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
-from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollector  # noqa: E402
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from vllm.entrypoints.common.cli_args import make_arg_parser
+from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.v1.engine import EngineCoreOutput, EngineCoreRequest, FinishReason
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollector
 
 MODEL = "fake-vllm"
 
