@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import time
 import urllib.request
@@ -13,7 +14,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..servers import free_port
+from ..servers import RawClient, free_port
 
 
 class Proc:
@@ -98,3 +99,19 @@ def started(
             popen.kill()
             popen.wait()
         out.close()
+
+
+def read_response(client: RawClient) -> bytes:
+    """One whole HTTP/1.1 response: by Content-Length, or to the last chunk."""
+    client.read_until(b"\r\n\r\n", timeout=30)
+    head = bytes(client.received).split(b"\r\n\r\n", 1)[0]
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    if length is None:
+        return bytes(client.read_until(b"\r\n0\r\n\r\n", timeout=30))
+    wanted = len(head) + 4 + int(length.group(1))
+    while len(client.received) < wanted:
+        client.sock.settimeout(30)
+        chunk = client.sock.recv(65536)
+        assert chunk, client.received[-300:]
+        client.received += chunk
+    return bytes(client.received)

@@ -14,7 +14,7 @@ import pytest
 
 from ..servers import RawClient, wait_for
 from .envs import require
-from .procs import Proc, started, value
+from .procs import Proc, read_response, started, value
 
 ROUTE = "/v1/chat/completions"
 KEY = "sk-otel-disconnect-test"
@@ -261,29 +261,13 @@ def _masked(raw: bytes) -> tuple[bytes, list[bytes], bytes]:
     return lines[0], names + statics, body
 
 
-def _read_response(client: RawClient) -> bytes:
-    """One whole HTTP/1.1 response: by Content-Length, or to the last chunk."""
-    client.read_until(b"\r\n\r\n", timeout=30)
-    head = bytes(client.received).split(b"\r\n\r\n", 1)[0]
-    length = re.search(rb"(?im)^content-length: *(\d+)", head)
-    if length is None:
-        return bytes(client.read_until(b"\r\n0\r\n\r\n", timeout=30))
-    wanted = len(head) + 4 + int(length.group(1))
-    while len(client.received) < wanted:
-        client.sock.settimeout(30)
-        chunk = client.sock.recv(65536)
-        assert chunk, client.received[-300:]
-        client.received += chunk
-    return bytes(client.received)
-
-
 def test_responses_identical_with_and_without_the_package(
     litellm_env: Path, sim: Proc, proxy: Proc, tmp_path: Path
 ) -> None:
     def fetch(proc: Proc, user: str, stream: bool) -> bytes:
         with RawClient(proc.port) as client:
             _post(client, user, stream=stream)
-            return _read_response(client)
+            return read_response(client)
 
     with _litellm(litellm_env, tmp_path, sim, False, "plain") as plain:
         for stream in (True, False):

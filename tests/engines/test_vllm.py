@@ -17,7 +17,7 @@ import pytest
 
 from ..servers import RawClient, wait_for
 from .envs import require
-from .procs import Proc, started, value
+from .procs import Proc, read_response, started, value
 
 ROUTE = "/v1/chat/completions"
 MODEL = "fake-vllm"
@@ -230,10 +230,7 @@ def test_responses_identical_with_and_without_the_package(
     def fetch(proc: Proc, user: str, stream: bool) -> bytes:
         with RawClient(proc.port) as client:
             _post(client, user, stream=stream)
-            client.read_until(b"data: [DONE]\n\n0\r\n\r\n" if stream else b"total_tokens")
-            if not stream:
-                client.read_until(b"}}")
-            return client.received
+            return read_response(client)
 
     with _server(vllm_env, tmp_path, "plain", "2", "0.02", "0", "40", plain=True) as plain:
         for stream in (True, False):
