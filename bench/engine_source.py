@@ -93,7 +93,7 @@ def main() -> None:
         return
     runs = [(v, n) for v in ("bare", "patched") for n in (N1, N2)]
     with ThreadPoolExecutor(len(runs)) as pool:  # four processes under valgrind at once
-        totals = dict(zip(runs, pool.map(lambda run: _count(*run), runs)))
+        totals = dict(zip(runs, pool.map(lambda run: _count(*run), runs), strict=True))
     cost = {v: (totals[v, N2] - totals[v, N1]) / (N2 - N1) for v in ("bare", "patched")}
     print(f"instructions per engine output: bare {cost['bare']:,.0f}, "
           f"patched {cost['patched']:,.0f}, added {cost['patched'] - cost['bare']:,.0f}")
