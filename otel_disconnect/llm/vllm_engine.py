@@ -208,7 +208,12 @@ def _patch_output_processor(cls: Any) -> None:
                     found = live.get(output.request_id)
                     if found is not None:
                         n = len(output.new_token_ids)
-                        if n:
+                        state = found.state
+                        if state.detected_perf is None and not state.ended:
+                            # The hot path, in vLLM's output loop: nothing to split yet, no
+                            # lock (record_tokens() threads never touch an engine segment).
+                            found.segment.counted += n
+                        elif n:
                             found.counted(n)
                         reason = output.finish_reason
                         if reason is not None:
