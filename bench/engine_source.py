@@ -29,12 +29,22 @@ N1, N2 = 1_000, 6_000
 class OutputProcessor:
     """The stand-in: vLLM's method names and signatures, no work."""
 
-    def add_request(self, request: Any, prompt: Any, parent_req: Any = None,
-                    request_index: int = 0, queue: Any = None) -> None:
+    def add_request(
+        self,
+        request: Any,
+        prompt: Any,
+        parent_req: Any = None,
+        request_index: int = 0,
+        queue: Any = None,
+    ) -> None:
         return None
 
-    def process_outputs(self, engine_core_outputs: Any, engine_core_timestamp: Any = None,
-                        iteration_stats: Any = None) -> None:
+    def process_outputs(
+        self,
+        engine_core_outputs: Any,
+        engine_core_timestamp: Any = None,
+        iteration_stats: Any = None,
+    ) -> None:
         return None
 
     def abort_requests(self, request_ids: Any, internal: bool) -> list[str]:
@@ -77,9 +87,19 @@ def _drive(variant: str, n: int) -> None:
 def _count(variant: str, n: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
-             sys.executable, __file__, "--drive", variant, str(n)],
-            capture_output=True, text=True, check=True,
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={tmp}/out",
+                sys.executable,
+                __file__,
+                "--drive",
+                variant,
+                str(n),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
             env={**os.environ, "PYTHONHASHSEED": "0"},
         )
     match = re.search(r"Collected : (\d+)", result.stderr)
@@ -95,8 +115,10 @@ def main() -> None:
     with ThreadPoolExecutor(len(runs)) as pool:  # four processes under valgrind at once
         totals = dict(zip(runs, pool.map(lambda run: _count(*run), runs), strict=True))
     cost = {v: (totals[v, N2] - totals[v, N1]) / (N2 - N1) for v in ("bare", "patched")}
-    print(f"instructions per engine output: bare {cost['bare']:,.0f}, "
-          f"patched {cost['patched']:,.0f}, added {cost['patched'] - cost['bare']:,.0f}")
+    print(
+        f"instructions per engine output: bare {cost['bare']:,.0f}, "
+        f"patched {cost['patched']:,.0f}, added {cost['patched'] - cost['bare']:,.0f}"
+    )
 
 
 if __name__ == "__main__":
