@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 
+from . import outcome
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config, options_from
 from .errors import ClientDisconnected
@@ -327,12 +328,10 @@ class _Cycle:
             state = self.state
             state.sends_dropped += 1
             state.bytes_dropped += len(message.get("body") or b"")
+            if message["type"] == "http.response.start":
+                state.status = message.get("status")  # a 499 placeholder says "cancelled"
             if final:
-                # A stream that was already running and now only closes, with no byte after the
-                # disconnect, was cut short (BaseHTTPMiddleware closes a cancelled stream so);
-                # anything else the app finished for nobody.
-                cut_short = state.phase == "streaming" and not state.bytes_dropped
-                state.set_outcome("cancelled" if cut_short else "completed")
+                state.set_outcome(outcome.decide(state, None, final_sent=True))
                 # The OpenTelemetry ASGI middleware ends the server span right after this
                 # message: write the attributes now.
                 self.recorder.write_span(state, time.perf_counter())
@@ -410,15 +409,7 @@ class _Cycle:
             # Cancelled by the server or framework with nothing else telling us why.
             self.detect("cancelled")
         if state.detected_perf is not None:
-            if failure == "disconnect_error":
-                state.set_outcome("cancelled")
-            elif failure is not None:
-                state.set_outcome(failure)
-            elif not state.response_complete:
-                # The framework cut the stream short and returned.
-                state.set_outcome("cancelled")
-            else:
-                state.set_outcome("completed")
+            state.set_outcome(outcome.decide(state, failure, state.response_complete))
         if self.retries.entries:
             self.check_retry()
         if state.detected_perf is not None and self.retries.enabled:

@@ -18,6 +18,12 @@ PHASE_REQUEST_BODY = "request_body"
 PHASE_BEFORE_RESPONSE = "before_response"
 PHASE_STREAMING = "streaming"
 
+# Reasons in RequestState.work_stopped.
+STOPPED_APP_SAW_DISCONNECT = "app_saw_disconnect"
+STOPPED_ENGINE_ABORT = "engine_abort"
+STOPPED_UPSTREAM_CLOSED = "upstream_closed"
+
+
 class RequestState:
     """What one HTTP request has done so far. Read-only to the app (see ``current()``)."""
 
@@ -47,7 +53,9 @@ class RequestState:
         "span",
         "span_written",
         "start_perf",
+        "status",
         "stream_end",
+        "work_stopped",
     )
 
     def __init__(self, scope: Scope, span: Any = None) -> None:
@@ -67,6 +75,10 @@ class RequestState:
         self.protected_section: str | None = None
         self.stream_end: str | None = None
         self.retry_of_disconnected = False
+        # The status of a response started after the disconnect (the outcome rule reads it).
+        self.status: int | None = None
+        # Why the request's work is known to have stopped early (see otel_disconnect.outcome).
+        self.work_stopped: str | None = None
         # Token and database accounting hang their per-request objects here, keyed by module.
         self.extras: dict[str, Any] | None = None
         # The Metrics of the middleware that saw this request, for counts that arrive after it
@@ -85,8 +97,17 @@ class RequestState:
 
     @property
     def disconnected(self) -> bool:
-        """True once the client left before the final response body was sent."""
-        return self._disconnected_at is not None
+        """True once the client left before the final response body was sent.
+
+        An app that reads True here before it answers has seen the disconnect: whatever it
+        sends next is taken as its reaction to it (outcome ``cancelled``). The package's own
+        code reads ``detected_perf`` instead, so that only the app's look counts.
+        """
+        if self._disconnected_at is None:
+            return False
+        if self.work_stopped is None and not self.response_complete:
+            self.work_stopped = STOPPED_APP_SAW_DISCONNECT
+        return True
 
     @property
     def disconnected_at(self) -> float | None:
@@ -128,8 +149,9 @@ class RequestState:
         await self._event.wait()
 
     def __repr__(self) -> str:
+        gone = self._disconnected_at is not None  # not the property: reading it marks "seen"
         return (
-            f"<RequestState {self.method} route={self.route!r} disconnected={self.disconnected}"
+            f"<RequestState {self.method} route={self.route!r} disconnected={gone}"
             f" phase={self.phase!r} detected_by={self._detected_by!r} outcome={self._outcome!r}>"
         )
 
@@ -182,6 +204,12 @@ class RequestState:
     def set_outcome(self, outcome: str) -> None:
         if self._outcome is None:
             self._outcome = outcome
+
+    def note_work_stopped(self, why: str) -> None:
+        """A token source or hook saw this request's work stop early (engine abort, upstream
+        stream closed before its end); the first reason is kept."""
+        if self.work_stopped is None:
+            self.work_stopped = why
 
     def extra(self, key: str, factory: Callable[[], Any]) -> Any:
         """The integration object stored under ``key``, created by ``factory`` on first use."""

@@ -148,7 +148,7 @@ class DbRequest:
         return [c for c in list(self.held) if not c.checked_in]
 
     def span_attributes(self, state: RequestState) -> dict[str, Any]:
-        if not state.disconnected:
+        if state.detected_perf is None:
             return {}
         attributes: dict[str, Any] = {
             spans.DB_TRANSACTION_STATE: self.interrupted_state or NONE,
@@ -164,7 +164,7 @@ class DbRequest:
         return attributes
 
     def record_end(self, state: RequestState, metrics: Metrics, route: str) -> None:
-        if not state.disconnected:
+        if state.detected_perf is None:
             return
         left = self.left_open()
         for conn in left:

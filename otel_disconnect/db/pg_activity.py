@@ -212,7 +212,7 @@ class PgActivityCollector:
                 continue
             if owner_state.ended:
                 owner = "ended"
-            elif owner_state.disconnected:
+            elif owner_state.detected_perf is not None:
                 owner = "disconnected"
             else:
                 continue

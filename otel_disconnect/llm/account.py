@@ -4,6 +4,7 @@ One account per request, in ``state.extras``, created by the first token a sourc
 never double count: the span and the metrics report one source, the first that counted anything
 in this order (documented in the README):
 
+0. ``engine``: vLLM's engine, inside its API server (``llm.vllm_engine``): exact;
 1. ``explicit``: ``record_tokens()``;
 2. ``upstream``: OpenAI-compatible responses read with httpx inside the request;
 3. ``response``: the OpenAI-compatible body the app itself sends.
@@ -39,11 +40,14 @@ from ..state import RequestState
 from ..telemetry import spans
 from ..telemetry.metrics import Metrics, metrics_for
 
+ENGINE = "engine"
 EXPLICIT = "explicit"
 UPSTREAM = "upstream"
 RESPONSE = "response"
-PRECEDENCE = (EXPLICIT, UPSTREAM, RESPONSE)
+PRECEDENCE = (ENGINE, EXPLICIT, UPSTREAM, RESPONSE)
 KEY = "otel_disconnect.llm.tokens"
+# Set in state.extras as soon as an engine source sees the request: the response and upstream
+# observers then skip parsing (the engine's count is exact).
 ENGINE_KEY = "otel_disconnect.llm.engine"
 
 # Upstream streams still open when the request ended (not in SPEC section 5; a gateway's leak).

@@ -37,10 +37,11 @@ class Metrics:
     """The metric families. Hot label children are cached: ``labels()`` costs a lock and a tuple."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
-        # Made unregistered, then registered one by one (``_register``): a name that another
+        # Made unregistered, then registered one by one (``register_family``): a name that another
         # collector already holds must not fail start-up, nor leave half the families behind.
         reg: Any = None
         self.unregistered: list[str] = []
+        self.registry = registry  # integrations register their own families on it
         self.requests = Counter(
             PREFIX + "requests",
             "HTTP requests seen by the disconnect middleware.",
@@ -161,7 +162,7 @@ class Metrics:
                 self.db_checkins,
                 self.internal_errors,
             ):
-                name = _register(registry, metric)
+                name = register_family(registry, metric)
                 if name is not None:
                     self.unregistered.append(name)
             if self.unregistered:
@@ -265,7 +266,7 @@ def _fast_dec(child: Any) -> Any:
     return functools.partial(inc, -1) if inc is not None else child.dec
 
 
-def _register(registry: CollectorRegistry, metric: Any) -> str | None:
+def register_family(registry: CollectorRegistry, metric: Any) -> str | None:
     """Register one family; its name, with one log line, when the name is taken.
 
     The family then still works (the package updates it as usual) but is not exported through

@@ -56,7 +56,7 @@ class Recorder:
         if not spans.recording(state.span):
             return
         attrs: dict[str, Any] = {}
-        if state.disconnected:
+        if state.detected_perf is not None:
             detected = state.detected_perf or work_end_perf
             attrs.update(
                 {

@@ -81,9 +81,12 @@ def _known_metrics() -> set[str]:
     """Exposed sample names of SPEC sections 6 (metrics.py) and 8 (the pg collector)."""
     from prometheus_client import CollectorRegistry
 
+    from otel_disconnect.llm.vllm_engine import EngineMetrics
+
     m = metric_defs.Metrics(CollectorRegistry())
     names: set[str] = set()
-    for value in vars(m).values():
+    families = {**vars(m), **vars(EngineMetrics(CollectorRegistry()))}
+    for value in families.values():
         describe = getattr(value, "describe", None)
         if describe is None:
             continue
