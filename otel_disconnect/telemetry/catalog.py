@@ -41,10 +41,7 @@ class MetricSpec:
     unit: str  # UCUM, as OpenTelemetry wants it
     labels: tuple[str, ...]
     help: str
-    buckets: tuple[float, ...] | None = None
-    # Histograms whose observations carry the request's trace id as an exemplar (OpenTelemetry
-    # SDK: when the span is sampled, with the default trace_based exemplar filter).
-    exemplars: bool = False
+    buckets: tuple[float, ...] | None = None  # histograms only
 
 
 METRICS: tuple[MetricSpec, ...] = (
@@ -81,7 +78,6 @@ METRICS: tuple[MetricSpec, ...] = (
         ("route", "outcome"),
         "Time the app kept working for a request after its client left.",
         buckets=WORK_AFTER_BUCKETS,
-        exemplars=True,
     ),
     # Read when the metrics are collected, from the sets of live requests (metrics.InFlight).
     MetricSpec(
@@ -148,7 +144,6 @@ METRICS: tuple[MetricSpec, ...] = (
         ("route", "model"),
         "Time generation went on after the client disconnected.",
         buckets=WORK_AFTER_BUCKETS,
-        exemplars=True,
     ),
     MetricSpec(
         "db_transactions_interrupted",

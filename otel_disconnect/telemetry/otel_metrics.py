@@ -1,14 +1,16 @@
 """The OpenTelemetry sink: every metric of ``catalog.METRICS`` as an instrument of one meter.
 
 The families have the prometheus-client sink's shape (``labels(*values).inc(n)`` /
-``.observe(v)``), so every call site records the same way whichever sink it was given. A label
-child holds its attributes dict, built once: the SDK is handed the same dict on every call.
+``.observe(v)``), so every call site records the same way whichever sink it was given.
 
-What prometheus-client reads at scrape time is observed at collection time here: the in-flight
-series are an observable up-down counter over the sets of live requests (``metrics.InFlight``),
-so no request pays for them. Histograms marked ``exemplars`` are recorded in the current
-context, where the request's server span is: the SDK's default ``trace_based`` exemplar filter
-then attaches its trace id.
+- Counters are counted here, under a lock as prometheus-client does, and reported by observable
+  counters when the SDK collects (cumulative; the SDK turns them into deltas for an exporter
+  that wants those).
+- The in-flight series are an observable up-down counter over the sets of live requests
+  (``metrics.InFlight``), read at collection time as prometheus-client reads them at scrape time.
+- Histograms are the SDK's, recorded in the current context, where the request's server span is:
+  with the SDK's default ``trace_based`` exemplar filter each observation of a sampled request
+  carries its trace id as an exemplar (work after disconnect, generation after disconnect).
 """
 
 from __future__ import annotations
@@ -24,47 +26,88 @@ from .metrics import MAX_MODELS, OTHER_MODEL, InFlight
 METER_NAME = "otel_disconnect"
 
 
-class _Child:
-    __slots__ = ("inc", "observe")
+class _Counted:
+    """A counter series counted here and observed at collection time: the SDK's synchronous
+    ``Counter.add`` costs about twenty times prometheus-client's ``inc`` (measurement object,
+    exemplar filter, attribute set lookup, two locks), too much for a path every request takes.
+    """
 
-    def __init__(self, call: Any, attributes: dict[str, str]) -> None:
-        # Counter.add(amount, attributes) / Histogram.record(amount, attributes)
-        def bound(amount: float = 1) -> None:
-            call(amount, attributes)
+    __slots__ = ("attributes", "inc", "value")
 
-        self.inc = self.observe = bound
+    def __init__(self, attributes: dict[str, str], lock: threading.Lock) -> None:
+        self.attributes = attributes
+        self.value: float = 0
+
+        def inc(amount: float = 1) -> None:
+            with lock:
+                self.value += amount
+
+        self.inc = inc
+
+
+class _Recorded:
+    """A histogram series: the SDK's ``Histogram.record`` in the current context, so a sampled
+    request span becomes the exemplar. Only disconnected requests record histograms."""
+
+    __slots__ = ("observe",)
+
+    def __init__(self, record: Any, attributes: dict[str, str]) -> None:
+        def observe(amount: float) -> None:
+            record(amount, attributes)
+
+        self.observe = observe
 
 
 class _Family:
-    """One instrument and its label children, cached by label values."""
+    """One instrument's label children, cached by label values."""
 
-    __slots__ = ("_call", "_children", "_labels")
+    __slots__ = ("_children", "_labels", "_lock", "_record")
 
-    def __init__(self, call: Any, labels: tuple[str, ...]) -> None:
-        self._call = call
+    def __init__(self, labels: tuple[str, ...], record: Any = None) -> None:
         self._labels = labels
-        self._children: dict[tuple[str, ...], _Child] = {}
+        self._record = record  # Histogram.record; None for a counter
+        self._lock = threading.Lock()
+        self._children: dict[tuple[str, ...], Any] = {}
 
-    def labels(self, *values: str) -> _Child:
+    def labels(self, *values: str) -> Any:
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self._labels):
                 raise ValueError(f"expected labels {self._labels}, got {values!r}")
             attributes = dict(zip(self._labels, (str(v) for v in values), strict=True))
-            child = self._children.setdefault(values, _Child(self._call, attributes))
+            made = (
+                _Counted(attributes, self._lock)
+                if self._record is None
+                else _Recorded(self._record, attributes)
+            )
+            with self._lock:
+                child = self._children.setdefault(values, made)
         return child
 
+    def observe(self, options: Any) -> Iterable[Any]:
+        """The observable counter's callback: every series' cumulative value."""
+        from opentelemetry.metrics import Observation
 
-def _instrument(meter: Any, spec: MetricSpec) -> Any:
+        with self._lock:
+            children = list(self._children.values())
+        return [Observation(c.value, c.attributes) for c in children]
+
+
+def _family(meter: Any, spec: MetricSpec) -> _Family:
     if spec.kind == "counter":
-        return meter.create_counter(spec.name, unit=spec.unit, description=spec.help)
+        family = _Family(spec.labels)
+        meter.create_observable_counter(
+            spec.name, callbacks=[family.observe], unit=spec.unit, description=spec.help
+        )
+        return family
     assert spec.buckets is not None, spec.name
-    return meter.create_histogram(
+    histogram = meter.create_histogram(
         spec.name,
         unit=spec.unit,
         description=spec.help,
         explicit_bucket_boundaries_advisory=[float(b) for b in spec.buckets],
     )
+    return _Family(spec.labels, histogram.record)
 
 
 class OtelMetrics:
@@ -82,9 +125,7 @@ class OtelMetrics:
         for spec in METRICS:
             if spec.kind == "inflight":
                 continue
-            instrument = _instrument(meter, spec)
-            call = instrument.add if spec.kind == "counter" else instrument.record
-            setattr(self, spec.attr, _Family(call, spec.labels))
+            setattr(self, spec.attr, _family(meter, spec))
         self.in_flight = in_flight if in_flight is not None else InFlight(None, None, False)
         live, zombies = self.in_flight.live, self.in_flight.zombies
         if live is None or zombies is None:

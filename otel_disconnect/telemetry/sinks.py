@@ -60,15 +60,17 @@ def exports_somewhere(provider: Any) -> bool:
     return True if readers is None else bool(readers)
 
 
-def sdk_metric_readers(provider: Any) -> Any:
+def sdk_metric_readers(provider: Any) -> list[Any] | None:
     """The SDK MeterProvider's metric readers, or None when they cannot be read.
 
-    The SDK has no public accessor; ``_sdk_config.metric_readers`` is the one private read this
-    package makes of it (tests/telemetry/test_sinks.py fails when it stops working). Without it
-    every SDK provider counts as exporting.
+    The SDK has no public accessor. ``_metric_readers`` (SDK 1.28 and later) or
+    ``_sdk_config.metric_readers`` (before) is the one private read this package makes of it;
+    tests/test_otel_sink.py fails when neither works. Without it every SDK provider counts as
+    exporting.
     """
-    config = getattr(provider, "_sdk_config", None)
-    readers = getattr(config, "metric_readers", None)
+    readers = getattr(provider, "_metric_readers", None)
+    if readers is None:
+        readers = getattr(getattr(provider, "_sdk_config", None), "metric_readers", None)
     if readers is None:
         return None
     try:
