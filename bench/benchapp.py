@@ -7,6 +7,8 @@ nothing. The variants:
 - ``otel``: ``FastAPIInstrumentor.instrument_app`` with an SDK TracerProvider whose
   BatchSpanProcessor (the production processor) exports to an exporter that drops the spans;
 - ``otel+disconnect``: the same plus ``otel_disconnect.instrument_app(app, metrics_path=None)``;
+- ``otel+disconnect+sdkmetrics``: the same with ``metrics="opentelemetry"``, the OpenTelemetry
+  sink, on an SDK MeterProvider with an in-memory reader (collects only when asked);
 - ``otel+naive``: the same as ``otel`` plus a one-reader-task-per-request middleware.
 
 Routes: ``/hello`` (small JSON), ``/stream`` (10 small chunks), ``/wait`` + ``/started`` +
@@ -26,7 +28,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-VARIANTS = ("bare", "otel", "otel+disconnect", "otel+naive")
+VARIANTS = ("bare", "otel", "otel+disconnect", "otel+disconnect+sdkmetrics", "otel+naive")
+# What overhead.py and micro.py run unless told: the sink comparison is instructions.py's.
+DEFAULT_VARIANTS = ("bare", "otel", "otel+disconnect", "otel+naive")
 STREAM_CHUNKS = 10
 WAIT_S = 10.0
 
@@ -105,6 +109,17 @@ def create_app(variant: str) -> FastAPI:
         import otel_disconnect
 
         otel_disconnect.instrument_app(app, metrics_path=None)
+        _detection_routes(app)
+    elif variant == "otel+disconnect+sdkmetrics":
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        import otel_disconnect
+
+        provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        otel_disconnect.instrument_app(
+            app, metrics_path=None, metrics="opentelemetry", meter_provider=provider
+        )
         _detection_routes(app)
     elif variant == "otel+naive":
         from naive import NaiveDisconnectMiddleware
