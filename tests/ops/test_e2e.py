@@ -271,9 +271,10 @@ def llm_simulator(workdir: Path, sink: str) -> Iterator[int | None]:
 
 
 @contextlib.contextmanager
-def database(registry: CollectorRegistry) -> Iterator[Any]:
+def database(registry: CollectorRegistry, options: dict[str, Any]) -> Iterator[Any]:
     """An instrumented async engine on a real PostgreSQL, and the pg_stat_activity collector
-    registered beside the app's metrics."""
+    registered beside the app's metrics (on the OpenTelemetry run: observable gauges of the
+    app's MeterProvider, and nothing in the registry)."""
     if "pg" not in wired_sources():
         yield None
         return
@@ -295,7 +296,10 @@ def database(registry: CollectorRegistry) -> Iterator[Any]:
         url.replace("postgresql://", "postgresql+asyncpg://", 1),
         connect_args={"server_settings": {"application_name": "e2e-app"}},
     )
-    collector = PgActivityCollector(url, registry=registry)
+    provider = options.get("meter_provider")
+    collector = PgActivityCollector(
+        url, registry=registry if provider is None else None, meter_provider=provider
+    )
     try:
         yield engine
     finally:
@@ -331,10 +335,10 @@ def stack(
     am_config["receivers"][0]["webhook_configs"][0]["url"] = alerts.url
     with contextlib.ExitStack() as stack:
         stack.callback(alerts.stop)
-        engine = stack.enter_context(database(registry))
         options = (
             stack.enter_context(opentelemetry_sink(registry)) if sink == "opentelemetry" else {}
         )
+        engine = stack.enter_context(database(registry, options))
         app = build_app(registry, started, engine, options)
         server = stack.enter_context(serve(app, "uvicorn-h11"))
         if engine is not None:
@@ -421,3 +425,7 @@ def test_the_series_come_through_the_sink(stack: Stack) -> None:
         wait_for(lambda s=series: query(stack.prometheus, s + "}"), timeout=DEADLINE, interval=0.2)
         through_sdk = query(stack.prometheus, series + ', otel_scope_name="otel_disconnect"}')
         assert bool(through_sdk) == (stack.sink == "opentelemetry"), job
+    if "pg" in stack.wired:  # the pg_stat_activity collector: observable gauges on that run
+        wait_for(lambda: query(stack.prometheus, "otel_disconnect_pg_up == 1"), timeout=DEADLINE)
+        through_sdk = query(stack.prometheus, 'otel_disconnect_pg_up{otel_scope_name!=""}')
+        assert bool(through_sdk) == (stack.sink == "opentelemetry")
