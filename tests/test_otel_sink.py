@@ -373,3 +373,61 @@ def test_opentelemetry_instrument_exports_through_the_sdk(
     assert "otel_disconnect_work_after_disconnect_seconds_bucket" in found
     # The SDK's resource is on target_info, one per process: no multi-process directory needed.
     assert "target_info{" in scrape(port) and 'service_name="sample"' in scrape(port)
+
+
+# -- smaller pieces ------------------------------------------------------------------------------
+
+
+def _points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any], float]]]:
+    data = reader.get_metrics_data()
+    return {
+        m.name: [(dict(p.attributes), p.value) for p in m.data.data_points]
+        for rm in (data.resource_metrics if data else [])
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if hasattr(m.data.data_points[0], "value")
+    }
+
+
+def test_both_sinks_move_together_in_multiprocess_mode(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # prometheus-client moves shared-memory gauges there; the OpenTelemetry side keeps its sets.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    reader = InMemoryMetricReader()
+    registry = CollectorRegistry()
+    sink = sinks.sink_for("both", registry, MeterProvider(metric_readers=[reader]))
+    assert sink.in_flight is not sink.prometheus.in_flight
+    state = object()
+    sink.in_flight.arrived(state)
+    sink.in_flight.disconnected(state)
+    inflight = dict(
+        (a["client"], v) for a, v in _points(reader)["otel_disconnect_inflight_requests"]
+    )
+    assert inflight == {"connected": 0, "disconnected": 1}
+    assert sink.prometheus.inflight_disconnected._value.get() == 1
+    sink.in_flight.zombie_ended(state)
+    inflight = dict(
+        (a["client"], v) for a, v in _points(reader)["otel_disconnect_inflight_requests"]
+    )
+    assert inflight == {"connected": 0, "disconnected": 0}
+    assert sink.prometheus.inflight_disconnected._value.get() == 0
+
+
+def test_pg_collector_as_observable_gauges_reports_down() -> None:
+    pytest.importorskip("psycopg")
+    from otel_disconnect import PgActivityCollector
+
+    reader = InMemoryMetricReader()
+    port = free_port()  # nothing listens there
+    collector = PgActivityCollector(
+        f"host=127.0.0.1 port={port} user=x dbname=x",
+        registry=None,
+        meter_provider=MeterProvider(metric_readers=[reader]),
+        connect_timeout_s=1,
+    )
+    try:
+        points = _points(reader)
+        assert points["otel_disconnect_pg_up"] == [({}, 0)]
+    finally:
+        collector.close()
