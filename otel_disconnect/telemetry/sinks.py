@@ -6,7 +6,8 @@ sink per request path: only ``both`` pays for two.
 
 The chosen sink is remembered per registry key (the global REGISTRY when none was passed), so
 what asks ``metrics_for(registry)`` later (internal errors, database hooks, token sources) records
-into the same sink as the middleware.
+into the same sink as the middleware (the most recently made middleware decides, for a registry
+shared by two with different ``metrics=``).
 """
 
 from __future__ import annotations
