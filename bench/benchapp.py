@@ -7,6 +7,8 @@ nothing. The variants:
 - ``otel``: ``FastAPIInstrumentor.instrument_app`` with an SDK TracerProvider whose
   BatchSpanProcessor (the production processor) exports to an exporter that drops the spans;
 - ``otel+disconnect``: the same plus ``otel_disconnect.instrument_app(app, metrics_path=None)``;
+- ``otel+disconnect+sdkmetrics``: the same with ``metrics="opentelemetry"``, the OpenTelemetry
+  sink, on an SDK MeterProvider with an in-memory reader (collects only when asked);
 - ``otel+naive``: the same as ``otel`` plus a one-reader-task-per-request middleware;
 - ``disconnect`` (not in the default set): ``bare`` plus ``DisconnectMiddleware`` alone, no
   OpenTelemetry, so the middleware's own cost is not diluted by the SDK's;
@@ -33,8 +35,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-VARIANTS = ("bare", "otel", "otel+disconnect", "otel+naive")
+VARIANTS = ("bare", "otel", "otel+disconnect", "otel+disconnect+sdkmetrics", "otel+naive")
 ALL_VARIANTS = (*VARIANTS, "disconnect", "disconnect-nocount", "otel+disconnect-nocount")
+# What overhead.py and micro.py run unless told: the sink comparison is instructions.py's.
+DEFAULT_VARIANTS = ("bare", "otel", "otel+disconnect", "otel+naive")
 STREAM_CHUNKS = 10
 WAIT_S = 10.0
 
@@ -141,6 +145,17 @@ def create_app(variant: str) -> FastAPI:
         import otel_disconnect
 
         otel_disconnect.instrument_app(app, metrics_path=None, count_tokens=count_tokens)
+        _detection_routes(app)
+    elif variant == "otel+disconnect+sdkmetrics":
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        import otel_disconnect
+
+        provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        otel_disconnect.instrument_app(
+            app, metrics_path=None, metrics="opentelemetry", meter_provider=provider
+        )
         _detection_routes(app)
     elif variant == "otel+naive":
         from naive import NaiveDisconnectMiddleware

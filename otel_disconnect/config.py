@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from ._types import Scope
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
 CancelPolicy = bool | Callable[[Scope], bool]
@@ -28,6 +29,9 @@ ENV_PREFIX = "OTEL_DISCONNECT_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _COUNT_TOKENS = ("auto", "off")
+# Which metrics sink (telemetry.sinks); "auto": OpenTelemetry when a MeterProvider exports
+# somewhere and no registry was passed, else prometheus-client.
+_METRICS = ("auto", "prometheus", "opentelemetry", "both")
 # A retry later than a day is not a retry of the request that was cut off.
 MAX_RETRY_WINDOW_S = 86_400.0
 
@@ -96,6 +100,8 @@ class Config:
     retry_identity: Callable[[Scope], str | bytes | None] | None = None
     registry: CollectorRegistry | None = None
     tracer_provider: TracerProvider | None = field(default=None, repr=False)
+    metrics: str = "auto"
+    meter_provider: MeterProvider | None = field(default=None, repr=False)
 
     @classmethod
     def from_options(
@@ -109,6 +115,8 @@ class Config:
         retry_identity: Callable[[Scope], str | bytes | None] | str | None = None,
         registry: CollectorRegistry | None = None,
         tracer_provider: TracerProvider | None = None,
+        metrics: str | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> Config:
         """Merge arguments with the environment; an argument always wins."""
         if cancel_on_disconnect is None:
@@ -139,6 +147,17 @@ class Config:
             raise ValueError(
                 f"tracer_provider={tracer_provider!r}: expected an OpenTelemetry TracerProvider"
             )
+        metrics_from_env = metrics is None
+        sink = metrics if metrics is not None else (_env("METRICS") or "auto")
+        if sink not in _METRICS:
+            raise ValueError(
+                f"{_where('metrics', metrics_from_env)}={sink!r}: expected one of "
+                + ", ".join(_METRICS)
+            )
+        if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
+            raise ValueError(
+                f"meter_provider={meter_provider!r}: expected an OpenTelemetry MeterProvider"
+            )
         excluded_from_env = excluded_urls is None
         if excluded_urls is None:
             excluded_urls = _env("EXCLUDED_URLS")
@@ -154,6 +173,8 @@ class Config:
             ),
             registry=registry,
             tracer_provider=tracer_provider,
+            metrics=sink,
+            meter_provider=meter_provider,
         )
 
     def wants_cancel(self, scope: Scope) -> bool:

@@ -71,7 +71,7 @@ def _tracing_works(tracer_provider: Any, registry: Any) -> bool:
         return False
 
 
-def _add_otel_middleware(app: Any, tracer_provider: Any) -> None:
+def _add_otel_middleware(app: Any, tracer_provider: Any, meter_provider: Any = None) -> None:
     """The server span: the FastAPI instrumentation when installed, else the plain ASGI one."""
     try:
         import fastapi
@@ -79,11 +79,13 @@ def _add_otel_middleware(app: Any, tracer_provider: Any) -> None:
         if isinstance(app, fastapi.FastAPI):
             from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-            FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider)
+            FastAPIInstrumentor.instrument_app(
+                app, tracer_provider=tracer_provider, meter_provider=meter_provider
+            )
             return
     except ImportError:
         pass
-    _add_asgi_middleware(app, tracer_provider)
+    _add_asgi_middleware(app, tracer_provider, meter_provider)
 
 
 def instrument_app(
@@ -119,7 +121,11 @@ def instrument_app(
             from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
             try:
-                wrapped = OpenTelemetryMiddleware(wrapped, tracer_provider=tracer_provider)
+                wrapped = OpenTelemetryMiddleware(
+                    wrapped,
+                    tracer_provider=tracer_provider,
+                    meter_provider=options.get("meter_provider"),
+                )
             except Exception:
                 internal_error("tracer_provider", options.get("registry"))
         return wrapped
@@ -132,7 +138,7 @@ def instrument_app(
         tracer_provider, options.get("registry")
     ):
         try:
-            _add_otel_middleware(app, tracer_provider)
+            _add_otel_middleware(app, tracer_provider, options.get("meter_provider"))
         except Exception:
             internal_error("tracer_provider", options.get("registry"))
     _instrument_starlette(app, options, metrics_path)
@@ -249,7 +255,7 @@ def _patched_build(original: Any, options: dict[str, Any], metrics_path: str | N
                 if not _has_server_span_middleware(self) and _tracing_works(
                     tracer_provider, options.get("registry")
                 ):
-                    _add_asgi_middleware(self, tracer_provider)
+                    _add_asgi_middleware(self, tracer_provider, options.get("meter_provider"))
                 _instrument_starlette(self, options, metrics_path)
         except Exception:
             logger.exception("otel-disconnect could not instrument %r; serving it as is", self)
@@ -258,12 +264,15 @@ def _patched_build(original: Any, options: dict[str, Any], metrics_path: str | N
     return build_middleware_stack
 
 
-def _add_asgi_middleware(app: Any, tracer_provider: Any) -> None:
+def _add_asgi_middleware(app: Any, tracer_provider: Any, meter_provider: Any = None) -> None:
     """The plain ASGI server-span middleware, outermost among the app's middleware (also used at
     build time, when the FastAPI instrumentor can no longer wrap the app)."""
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
     from starlette.middleware import Middleware
 
     app.user_middleware.insert(
-        0, Middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider)
+        0,
+        Middleware(
+            OpenTelemetryMiddleware, tracer_provider=tracer_provider, meter_provider=meter_provider
+        ),
     )

@@ -26,8 +26,8 @@ from .retry import BodyDigest, RetryTracker, client_identity, fingerprint
 from .routes import route_template
 from .state import RequestState, _current
 from .telemetry import spans
-from .telemetry.metrics import metrics_for
 from .telemetry.recorder import Recorder
+from .telemetry.sinks import sink_for
 
 _BODYLESS = frozenset(("GET", "HEAD", "DELETE", "OPTIONS"))
 
@@ -42,7 +42,7 @@ class DisconnectMiddleware:
     def __init__(self, app: ASGIApp, **options: Any) -> None:
         self.app = app
         self.config: Config = options_from(options)
-        self.recorder = Recorder(metrics_for(self.config.registry))
+        self.recorder = Recorder(self._sink())
         # Shared by this middleware's requests: digests of recently disconnected requests.
         self.retries = RetryTracker(self.config.retry_window_s)
         if self.config.count_tokens == "auto":
@@ -50,6 +50,15 @@ class DisconnectMiddleware:
                 instrument_upstreams()  # LLM gateways: count what they read from upstream
             except Exception:
                 internal_error("instrument_upstreams", self.config.registry)
+
+    def _sink(self) -> Any:
+        """The metrics sink the options ask for; prometheus-client when the MeterProvider fails."""
+        c = self.config
+        try:
+            return sink_for(c.metrics, c.registry, c.meter_provider)
+        except Exception:
+            internal_error("meter_provider", c.registry)
+            return sink_for("prometheus", c.registry, None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":

@@ -164,6 +164,7 @@ class TokenAccount:
     """The recorder's integration object for tokens: ``span_attributes`` and ``record_end``."""
 
     __slots__ = (
+        "_exemplar_context",
         "_lock",
         "_observed",
         "_timer",
@@ -192,6 +193,7 @@ class TokenAccount:
         self.reported_source: str | None = None
         self._observed = False
         self._timer: Any = None
+        self._exemplar_context: Any = None
         self._lock = threading.Lock()  # record_tokens() may run in worker threads
 
     # -- written by the sources ----------------------------------------------------------------
@@ -340,6 +342,7 @@ class TokenAccount:
         detected = state.detected_perf
         if detected is None:
             return
+        self._exemplar_context = spans.exemplar_context(state.span)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -363,9 +366,12 @@ class TokenAccount:
         self._observed = True
         last = self.last_token_perf
         seconds = max(0.0, last - detected) if last is not None else 0.0
-        self.metrics.llm_generation_after_disconnect.labels(
+        child = self.metrics.llm_generation_after_disconnect.labels(
             self.route or "unmatched", self.model_label or "unknown"
-        ).observe(seconds)
+        )
+        # Observed from a timer with an empty context: the request's span context is put back
+        # for the observation, so the OpenTelemetry sink's exemplar carries its trace id.
+        spans.in_context(self._exemplar_context, child.observe, seconds)
 
 
 def _later(loop: asyncio.AbstractEventLoop, delay: float, callback: Any, detected: float) -> Any:

@@ -31,15 +31,13 @@ import sys
 import threading
 import time
 import types
-import weakref
 from typing import Any
 
 import wrapt
-from prometheus_client import CollectorRegistry, Counter
 
 from ..failsafe import internal_error
 from ..state import STOPPED_ENGINE_ABORT, RequestState, current
-from ..telemetry.metrics import PREFIX, Metrics, metrics_for, register_family
+from ..telemetry.metrics import metrics_for
 from .account import ENGINE, ENGINE_KEY, Segment, TokenAccount, account_for
 
 OUTPUT_PROCESSOR = "vllm.v1.engine.output_processor"
@@ -77,45 +75,10 @@ class EngineRequest:
         metrics = state.metrics or metrics_for(None)
         phase = state.phase if state.detected_perf is not None else PHASE_CONNECTED
         model = metrics.model_label(self.model)
-        counters = engine_metrics(metrics)
-        counters.aborted_requests.labels(model, phase).inc()
+        metrics.llm_engine_aborted_requests.labels(model, phase).inc()
         if tokens:
-            counters.aborted_tokens.labels(model, phase).inc(tokens)
+            metrics.llm_engine_aborted_tokens.labels(model, phase).inc(tokens)
         self.finished()
-
-
-class EngineMetrics:
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        reg: Any = None  # registered one by one below: a taken name is skipped, not fatal
-        self.aborted_requests = Counter(
-            PREFIX + "llm_engine_aborted_requests",
-            "Requests the LLM engine aborted, by the phase their client left in (connected: it"
-            " had not).",
-            ["model", "phase"],
-            registry=reg,
-        )
-        self.aborted_tokens = Counter(
-            PREFIX + "llm_engine_aborted_tokens",
-            "Output tokens the LLM engine had generated for requests it then aborted.",
-            ["model", "phase"],
-            registry=reg,
-        )
-        if registry is not None:
-            for family in (self.aborted_requests, self.aborted_tokens):
-                register_family(registry, family)
-
-
-_engine_metrics: weakref.WeakKeyDictionary[Metrics, EngineMetrics] = weakref.WeakKeyDictionary()
-
-
-def engine_metrics(metrics: Metrics) -> EngineMetrics:
-    found = _engine_metrics.get(metrics)
-    if found is None:
-        with _lock:
-            found = _engine_metrics.get(metrics)
-            if found is None:
-                found = _engine_metrics[metrics] = EngineMetrics(metrics.registry)
-    return found
 
 
 # Engine request id -> its EngineRequest, from add_request until it finishes or is aborted.
