@@ -76,6 +76,24 @@
           annotations: {"summary": "More than 10% of output tokens are generated after the client disconnected.", "description": "{{ $value | humanizePercentage }} of the output tokens of model {{ $labels.model }} on {{ $labels.route }} were generated after the client had disconnected.", "runbook_url": "https://github.com/otel-disconnect/otel-disconnect/blob/main/docs/runbooks.md#llmtokenswastedafterdisconnect"},
         },
         {
+          alert: "LLMEngineTokensAborted",
+          expr: "(\n  sum by (model) (rate("
+        + $._otelDisconnectSeries("otel_disconnect_llm_engine_aborted_tokens_total", "")
+        + "[10m]))\n    /\n  sum by (model) (rate("
+        + $._otelDisconnectSeries("otel_disconnect_llm_tokens_total", "")
+        + "[10m]))\n)"
+        + " > "
+        + std.toString($._config.thresholds["LLMEngineTokensAborted"])
+        + "\nand\nsum by (model) (rate("
+        + $._otelDisconnectSeries("otel_disconnect_llm_tokens_total", "")
+        + "[10m]))"
+        + " > "
+        + std.toString($._config.thresholds["LLMEngineTokensAbortedMinRate"]),
+          'for': $._config['for']["LLMEngineTokensAborted"],
+          labels: {"severity": "warning"},
+          annotations: {"summary": "More than 10% of the tokens the engine generates belong to requests it then aborts.", "description": "{{ $value | humanizePercentage }} of the output tokens of model {{ $labels.model }} went to requests the engine aborted (their clients left): GPU time spent for nobody.", "runbook_url": "https://github.com/otel-disconnect/otel-disconnect/blob/main/docs/runbooks.md#llmenginetokensaborted"},
+        },
+        {
           alert: "GPUGeneratingForDisconnectedClients",
           expr: "sum by (model) (rate("
         + $._otelDisconnectSeries("otel_disconnect_llm_generation_after_disconnect_seconds_sum", "")

@@ -193,6 +193,22 @@ def build_app(registry: CollectorRegistry, provider: MeterProvider, engine: Any)
             await asyncio.sleep(0.01)
         return {"tokens": 20}
 
+    @app.get("/abort")
+    async def abort() -> dict[str, int]:
+        # What the vLLM engine source does when vLLM aborts a request after its client left
+        # (tests/engines/test_vllm.py drives it inside vLLM itself).
+        from otel_disconnect import current
+        from otel_disconnect.llm.vllm_engine import EngineRequest
+
+        state = current()
+        assert state is not None
+        request = EngineRequest(state, "sim")
+        request.counted(3)
+        app.state.started.append(("abort", 0))
+        await state.wait_disconnected()
+        request.aborted()
+        return {}
+
     instrument_app(
         app,
         engines=[engine],
@@ -237,6 +253,7 @@ def both_sinks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
                 abandon(server.port, f"/slow?q={q}", started, ("slow", q))
             abandon(server.port, "/db", started, ("db", 0))
             abandon(server.port, "/generate", started, ("generate", 0))
+            abandon(server.port, "/abort", started, ("abort", 0))
             abandon(server.port, "/leak", started, None)
             internal_error("test_fault", registry)  # goes to the sink chosen for the registry
             sink = metrics_for(registry)
