@@ -146,10 +146,10 @@ def test_one_reset_stream_among_open_neighbours(
         attrs = spans[case]
         assert attrs["disconnect.detected"] is True, (case, attrs)
         assert attrs["disconnect.phase"] == phase, (case, attrs)
-    # The upload's handler got ClientDisconnect, the stream was cut short: the work stopped.
-    # (The waiting request ends in the simulator's 499 placeholder: its outcome is the outcome
-    # rule's business, asserted with the vLLM and LiteLLM tests; here the engine's abort is.)
+    # The upload's handler got ClientDisconnect, the stream was cut short, and the waiting request
+    # stopped and answered with the simulator's 499 placeholder: the work stopped each time.
     assert spans["body"]["disconnect.outcome"] == "cancelled"
+    assert spans["waiting"]["disconnect.outcome"] == "cancelled"
     assert spans["streaming"]["disconnect.outcome"] == "cancelled"
 
     cut = spans["streaming"]
