@@ -82,8 +82,7 @@ class Metrics:
         self.inflight_disconnected = self.inflight.labels("disconnected")
         self.in_flight = InFlight(self.inflight_connected, self.inflight_disconnected)
         self._requests_children: dict[tuple[str, str], Any] = {}
-        self._models: set[str] = set()
-        self._lock = threading.Lock()
+        self.model_label = ModelLabels()
 
     def count_request(self, route: str, method: str) -> None:
         key = (route, method)
@@ -92,8 +91,18 @@ class Metrics:
             inc = self._requests_children[key] = _fast_inc(self.requests.labels(route, method))
         inc()
 
-    def model_label(self, model: str | None) -> str:
-        """Cap model label values at MAX_MODELS per process; later ones become ``other``."""
+
+class ModelLabels:
+    """``model`` label values, shared by both sinks: at most MAX_MODELS distinct per process,
+    later ones become ``other`` (a model name comes from requests, so it must be bounded)."""
+
+    __slots__ = ("_lock", "_models")
+
+    def __init__(self) -> None:
+        self._models: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, model: str | None) -> str:
         if not model:
             return "unknown"
         if model in self._models:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..version import __version__
 from .catalog import METRICS, MetricSpec
-from .metrics import MAX_MODELS, OTHER_MODEL, InFlight
+from .metrics import InFlight, ModelLabels
 
 METER_NAME = "otel_disconnect"
 
@@ -136,8 +136,7 @@ class OtelMetrics:
             spec.name, callbacks=[self._observed], unit=spec.unit, description=spec.help
         )
         self._requests_children: dict[tuple[str, str], Any] = {}
-        self._models: set[str] = set()
-        self._lock = threading.Lock()
+        self.model_label = ModelLabels()
 
     def count_request(self, route: str, method: str) -> None:
         key = (route, method)
@@ -145,18 +144,6 @@ class OtelMetrics:
         if add is None:
             add = self._requests_children[key] = self.requests.labels(route, method).inc
         add()
-
-    def model_label(self, model: str | None) -> str:
-        """Cap model label values at MAX_MODELS per process; later ones become ``other``."""
-        if not model:
-            return "unknown"
-        if model in self._models:
-            return model
-        with self._lock:
-            if len(self._models) < MAX_MODELS:
-                self._models.add(model)
-                return model
-        return OTHER_MODEL
 
 
 def _observe_in_flight(live: set[object], zombies: set[object]) -> Any:
