@@ -106,6 +106,22 @@ def build_app(
         await asyncio.sleep(2.5)  # keeps working long after the client gave up: a zombie
         return {"q": q}
 
+    @app.get("/engine")
+    async def engine_request(q: int = 0) -> dict[str, int]:
+        # What the vLLM engine source does inside vLLM (tests/engines/test_vllm.py runs vLLM
+        # itself): an engine request generating tokens, aborted once its client left.
+        from otel_disconnect import current
+        from otel_disconnect.llm.vllm_engine import EngineRequest
+
+        state = current()
+        assert state is not None
+        request = EngineRequest(state, "sim")
+        request.counted(3)
+        started.append(ENGINE_MARK + q)
+        await state.wait_disconnected()
+        request.aborted()
+        return {"q": q}
+
     if engine is not None:
         from sqlalchemy import text
         from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -140,6 +156,9 @@ def build_app(
     return app
 
 
+ENGINE_MARK = 1_000_000  # started.append(ENGINE_MARK + q): the engine request is running
+
+
 class LoadGenerator:
     """Clients that hang up: each cycle a normal request, then /slow abandoned once the handler
     runs and retried (the same request again, abandoned again), and, with the simulator, a
@@ -165,6 +184,11 @@ class LoadGenerator:
             client.request("GET", f"/db/wait?q={q}")
             wait_for(lambda: -q in self.started, timeout=10)
 
+    def _abandon_engine(self, q: int) -> None:
+        with RawClient(self.app_port) as client:
+            client.request("GET", f"/engine?q={q}")
+            wait_for(lambda: ENGINE_MARK + q in self.started, timeout=10)
+
     def _leak_once(self) -> None:
         with RawClient(self.app_port) as client:
             client.request("GET", "/db/leak")
@@ -189,6 +213,7 @@ class LoadGenerator:
                     client.read_all()
                 self._abandon_slow(q)
                 self._abandon_slow(q)  # the retry of the abandoned request
+                self._abandon_engine(q)
                 if self.db:
                     self._abandon_db(q)
                     if q == 1:
