@@ -14,8 +14,9 @@ after the disconnect, and when the app task ends):
      only sends the closing empty chunk);
   3. something inside the request saw the work stop early: the vLLM engine aborted the request,
      an upstream LLM stream was closed before its end, or the app itself read
-     ``current().disconnected`` as true before it answered (it checked and stopped; an app that
-     only awaits ``wait_disconnected()``, say to log, is not taken to have stopped).
+     ``current().disconnected`` as true before it started its response (it checked and
+     stopped; an app that only awaits ``wait_disconnected()``, say to log, is not taken to
+     have stopped).
 
 - ``completed``: none of that: the app sent a real final answer after the client had left
   (a body with content, or a 204/205/304 or a HEAD response, which carry none by definition).

@@ -99,13 +99,15 @@ class RequestState:
     def disconnected(self) -> bool:
         """True once the client left before the final response body was sent.
 
-        An app that reads True here before it answers has seen the disconnect: whatever it
-        sends next is taken as its reaction to it (outcome ``cancelled``). The package's own
-        code reads ``detected_perf`` instead, so that only the app's look counts.
+        An app that reads True here before it starts its response has seen the disconnect:
+        whatever it sends next is taken as its reaction to it (outcome ``cancelled``). A stream
+        that reads it and goes on (to count what it sends for nobody, say) is judged by what it
+        sends. The package's own code reads ``detected_perf`` instead, so that only the app's
+        look counts.
         """
         if self._disconnected_at is None:
             return False
-        if self.work_stopped is None and not self.response_complete:
+        if self.work_stopped is None and not self.response_started:
             self.work_stopped = STOPPED_APP_SAW_DISCONNECT
         return True
 

@@ -15,6 +15,7 @@ from the exporter's own port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -238,8 +239,14 @@ def both_sinks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     db_path = tmp_path_factory.mktemp("otel-sink") / "app.db"
     engine = create_async_engine(f"sqlite+aiosqlite:///{db_path}")
     memory = InMemoryMetricReader()
-    # The exporter registers its translating collector in the global REGISTRY (its only way).
+    # The exporter registers its translating collector in the global REGISTRY (its only way);
+    # other tests' middlewares register the package's own families there too, so the collector
+    # is read from a registry of its own.
     prometheus_reader = PrometheusMetricReader()
+    translating = CollectorRegistry()
+    collector = prometheus_reader._collector
+    REGISTRY.unregister(collector)
+    translating.register(collector)
     provider = MeterProvider(metric_readers=[memory, prometheus_reader])
     registry = CollectorRegistry()
     app = build_app(registry, provider, engine)
@@ -273,12 +280,14 @@ def both_sinks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
                 asyncio.run_coroutine_threadsafe(conn.close(), server.loop).result(timeout=10)
             yield {
                 "prometheus": generate_latest(registry).decode(),
-                "translated": generate_latest(REGISTRY).decode(),
+                "translated": generate_latest(translating).decode(),
                 "memory": memory.get_metrics_data(),
                 "sink": sink,
             }
     finally:
-        provider.shutdown()  # also takes the exporter's collector out of REGISTRY
+        translating.unregister(collector)
+        with contextlib.suppress(Exception):  # its shutdown unregisters it from REGISTRY
+            provider.shutdown()
         engine.sync_engine.dispose()
 
 

@@ -264,8 +264,11 @@ def opentelemetry_sink(registry: CollectorRegistry) -> Iterator[dict[str, Any]]:
         yield {"metrics": "opentelemetry", "meter_provider": provider}
     finally:
         registry.unregister(collector)
-        REGISTRY.register(collector)
-        provider.shutdown()
+        # Not put back in the global REGISTRY: it now holds otel_disconnect_* series, which may
+        # clash there with families other tests registered. The reader's shutdown then fails to
+        # unregister it from there, which is all that fails.
+        with contextlib.suppress(Exception):
+            provider.shutdown()
 
 
 @contextlib.contextmanager
@@ -420,10 +423,23 @@ def test_alerts_fire_and_reach_the_webhook(stack: Stack, source: str) -> None:
     expected = EXPECTED_ALERTS[source]
     urls = {a.name: a.runbook_url for a in ALERTS}
 
+    def matching(alert: dict[str, Any], name: str) -> bool:
+        labels = alert["labels"]
+        return labels.get("alertname") == name and all(
+            labels.get(key) == value for key, value in expected[name].items()
+        )
+
     def arrived() -> dict[str, dict[str, Any]]:
-        got = {a["labels"]["alertname"]: a for a in stack.alerts.received()
-               if a.get("status") == "firing"}
-        return got if set(expected) <= set(got) else {}
+        # An alert fires once per label set (ClientsAbandonBeforeResponse per route): the one
+        # with the expected labels must be among those received.
+        firing = [a for a in stack.alerts.received() if a.get("status") == "firing"]
+        got = {}
+        for name in expected:
+            found = [a for a in firing if matching(a, name)]
+            if not found:
+                return {}
+            got[name] = found[0]
+        return got
 
     try:
         got = wait_for(arrived, timeout=DEADLINE, interval=0.2)
@@ -432,10 +448,8 @@ def test_alerts_fire_and_reach_the_webhook(stack: Stack, source: str) -> None:
             f"alerts received: {[a['labels'] for a in stack.alerts.received()]}\n"
             f"prometheus log:\n{stack.prometheus.log_tail()}"
         ) from None
-    for name, labels in expected.items():
+    for name in expected:
         alert = got[name]
-        for key, value in labels.items():
-            assert alert["labels"].get(key) == value, (name, key, alert["labels"])
         assert alert["annotations"]["runbook_url"] == urls[name]
         assert alert["annotations"]["summary"].endswith(".")
         assert "{{" not in alert["annotations"]["description"]  # rendered by Prometheus
