@@ -21,6 +21,7 @@ from .demo.http1 import Connection, HTTPError, Target
 PREFIX = "otel_disconnect_"
 KINDS = ("request_body", "before_response", "streaming")
 DEFAULT_PATH = "/v1/chat/completions"
+BODY_AFTER_HEAD_S = 0.25
 
 
 def default_body(stream: bool) -> bytes:
@@ -221,6 +222,10 @@ class Prober:
         conn = await self._open()
         try:
             await conn.send_head(self.target, self.method, self.path, len(body))
+            # The body a moment after the head, as HTTP clients write a POST. HAProxy's
+            # option abortonclose passes a hang-up on for such a request, and not for one
+            # that reached it whole in one read (the README's proxy table).
+            await asyncio.sleep(BODY_AFTER_HEAD_S)
             await conn.send(body)
             try:
                 await asyncio.wait_for(conn.read_head(), self.delay_s)

@@ -31,8 +31,9 @@ ADVICE: dict[str, dict[str, str]] = {
     },
     "haproxy": {
         "before_response": "HAProxy: it takes the client's close for a half-close and waits for "
-        "the server's response (option abortonclose only drops requests still queued or "
-        "connecting); the app hears of it at its first response bytes: send headers early or "
+        "the server's response; the app hears of it at its first response bytes. "
+        "option abortonclose passes it on for a request whose body came after its head (most "
+        "clients' POSTs), not for one that arrived in one read: set it, send headers early or "
         "bound the work",
         "streaming": "HAProxy: a hang-up mid-stream reaches the app at its next write",
         "request_body": "HAProxy: check option http-buffer-request (it waits for the whole body)",

@@ -1,5 +1,6 @@
 """``otel-disconnect probe`` through real nginx, HAProxy and Caddy: the verdict the README's proxy
-table gives (tests/proxy_matrix.py ``EXPECTED``), its exit status, and the setting it names."""
+table gives (tests/proxy_matrix.py ``PROBE_EXPECTED``), its exit status and the setting it
+names."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from otel_disconnect import instrument_app
 from otel_disconnect.llm_sim import SimConfig, Simulator, create_app
 from tests.proxies import SETTINGS, Proxy, run_proxy
-from tests.proxy_matrix import EXPECTED, POINTS
+from tests.proxy_matrix import POINTS, PROBE_EXPECTED
 from tests.servers import ServerThread, serve
 
 CELLS = [(kind, setting) for kind, settings in SETTINGS.items() for setting in settings]
@@ -22,9 +23,8 @@ CELLS = [(kind, setting) for kind, settings in SETTINGS.items() for setting in s
 HINTS = {
     ("nginx", "default"): "proxy_request_buffering on",
     ("nginx", "ignore_client_abort"): "proxy_ignore_client_abort",
-    ("haproxy", "default"): "option abortonclose only drops",
-    ("haproxy", "http-server-close"): "option abortonclose only drops",
-    ("haproxy", "abortonclose"): "option abortonclose only drops",
+    ("haproxy", "default"): "option abortonclose passes it on",
+    ("haproxy", "http-server-close"): "option abortonclose passes it on",
     ("caddy", "flush"): "flush_interval -1",
 }
 NAMED_BY_HEADER = {"nginx", "caddy"}  # HAProxy sets no Server or Via header
@@ -56,7 +56,7 @@ def proxy(request: pytest.FixtureRequest, upstream: ServerThread) -> Iterator[Pr
 
 
 def test_probe_through_the_proxy(proxy: Proxy) -> None:
-    expected = EXPECTED[(proxy.kind, proxy.settings)]
+    expected = PROBE_EXPECTED[(proxy.kind, proxy.settings)]
     result = subprocess.run(
         [
             sys.executable,

@@ -103,3 +103,40 @@ def test_bench_script_measures_the_table() -> None:
         for point, cell in zip(POINTS, cells, strict=True):
             detected = EXPECTED[("caddy", setting)][point].detected
             assert cell.startswith("1/1: " if detected else "0/1"), (setting, point, cell)
+
+
+@pytest.mark.parametrize("body_after_head", [True, False], ids=["body-after-head", "one-read"])
+def test_haproxy_abortonclose_passes_on_a_request_whose_body_came_after_its_head(
+    upstream: Upstream, body_after_head: bool
+) -> None:
+    """HAProxy 2.6 with ``option abortonclose``: a client that leaves before the response is
+    passed on when the request's body reached HAProxy after its head (as HTTP clients write a
+    POST: head, then body), and not when the whole request arrived in one read (the GET of the
+    table's cell). The order is made certain, not timed: the body is sent only once the app has
+    the request's head, so HAProxy must have read the two apart."""
+    from tests.proxy_matrix import WORK_S, _reset, _route_span
+    from tests.servers import RawClient, wait_for
+
+    body = b"x" * 1000
+    _reset(upstream)
+    with run_proxy("haproxy", upstream.server.port, "abortonclose") as proxy:
+        with RawClient(proxy.port) as client:
+            path = f"/upload?work={WORK_S}"
+            headers = {"Content-Length": str(len(body))}
+            if body_after_head:
+                client.request("POST", path, headers=headers, send_body=False)
+                upstream.signals.wait("upload.started")
+                client.send(body)
+            else:
+                client.request("POST", path, body=body)
+            wait_for(lambda: upstream.signals.values.get("upload.bytes") == len(body), timeout=10)
+        span = wait_for(lambda: _route_span(upstream.telemetry, "/upload"), timeout=WORK_S + 10)
+    attrs = dict(span.attributes or {})
+    if body_after_head:
+        assert attrs.get("disconnect.detected") is True, attrs
+        assert attrs["disconnect.phase"] == "before_response", attrs
+        assert attrs["disconnect.outcome"] == "cancelled", attrs
+        assert "upload.finished" not in upstream.signals.values
+    else:
+        assert not attrs.get("disconnect.detected"), attrs
+        assert "upload.finished" in upstream.signals.values  # worked to its end for nobody
