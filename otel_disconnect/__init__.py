@@ -1,6 +1,7 @@
 """otel-disconnect: make HTTP client disconnects visible and safe in ASGI services.
 
-The public API (SPEC section 3). Everything else is internal and may change.
+The public API (the README's "Three ways to instrument" and "In the handler"). Everything
+else is internal and may change.
 """
 
 from .cancel import guard_stream, protect

@@ -32,12 +32,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from otel_disconnect import instrument_app, record_tokens
 from otel_disconnect.failsafe import internal_error
-from otel_disconnect.ops.alerts import ALERTS
-from otel_disconnect.ops.generate import DASHBOARDS
 from otel_disconnect.telemetry import sinks
 from otel_disconnect.telemetry.catalog import METRICS, exposed_names
 from otel_disconnect.telemetry.metrics import Metrics, metrics_for
 from otel_disconnect.telemetry.otel_metrics import BothMetrics, OtelMetrics
+from otel_disconnect.tools.ops.alerts import ALERTS
+from otel_disconnect.tools.ops.generate import DASHBOARDS
 
 from .servers import RawClient, free_port, serve, wait_for
 from .test_auto_instrumentation import Instrumented

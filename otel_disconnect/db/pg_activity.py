@@ -68,7 +68,7 @@ def _trace_id(span: Any) -> str:
 
 
 class PgActivityCollector:
-    """A Prometheus collector over ``pg_stat_activity`` (SPEC section 8).
+    """A Prometheus collector over ``pg_stat_activity`` (docs/reference.md lists its series).
 
     ``PgActivityCollector("host=db user=monitor dbname=app")`` or ``PgActivityCollector(engine)``
     (it opens its own connection from the engine's URL). ``registry=None`` skips registering.

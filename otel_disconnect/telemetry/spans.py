@@ -1,4 +1,4 @@
-"""Span attribute and event names of SPEC section 5, and writing them onto the server span."""
+"""Span attribute and event names (docs/reference.md), and writing them onto the server span."""
 
 from __future__ import annotations
 
