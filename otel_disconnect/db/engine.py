@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from ..compat.sqlalchemy import context_entry_info, entry_info
 from ..failsafe import internal_error
 from ..state import RequestState, _current
 from ..telemetry import spans
@@ -44,6 +45,12 @@ MAX_PIDS = 32
 
 _instrumented: weakref.WeakKeyDictionary[Any, EngineHooks] = weakref.WeakKeyDictionary()
 _instrument_lock = threading.Lock()
+
+
+def conn_state(proxied: Any) -> ConnState | None:
+    """The ConnState of a checked-out connection (what the dialect methods get), or None."""
+    info = entry_info(proxied)
+    return info.get(KEY) if info is not None else None
 
 
 class ConnState:
@@ -353,8 +360,7 @@ class EngineHooks:
             # Connection.connection would try to reconnect an invalidated Connection: skip those.
             if connection.invalidated or connection.closed:
                 return None
-            record = connection.connection._connection_record
-            return record.info.get(KEY) if record is not None else None
+            return conn_state(connection.connection)
         except Exception:
             internal_error(where, self.registry)
             return None
@@ -367,10 +373,7 @@ class EngineHooks:
             conn: ConnState | None = None
             if hooks.active:
                 try:
-                    # The pool entry behind the checked-out proxy (None once detached); at first
-                    # connect an ad hoc proxy of an entry no request checked out.
-                    record = dbapi_connection._connection_record
-                    conn = record.info.get(KEY) if record is not None else None
+                    conn = conn_state(dbapi_connection)
                 except Exception:
                     internal_error("db_begin", hooks.registry)
             if conn is None:
@@ -413,8 +416,7 @@ class EngineHooks:
             conn: ConnState | None = None
             if hooks.active:
                 try:
-                    record = dbapi_connection._connection_record
-                    conn = record.info.get(KEY) if record is not None else None
+                    conn = conn_state(dbapi_connection)
                 except Exception:
                     internal_error(where, hooks.registry)
             # Only an open transaction ends: the pool's rollback of a clean connection, or the
@@ -473,8 +475,8 @@ class EngineHooks:
             conn: ConnState | None = None
             if context is not None and hooks.active:  # None only for some mssql defaults
                 try:
-                    record = context._dbapi_connection._connection_record
-                    conn = record.info.get(KEY) if record is not None else None
+                    info = context_entry_info(context)
+                    conn = info.get(KEY) if info is not None else None
                 except Exception:
                     internal_error("db_execute", hooks.registry)
             if conn is None:
@@ -495,8 +497,8 @@ class EngineHooks:
             conn: ConnState | None = None
             if context is not None and hooks.active:
                 try:
-                    record = context._dbapi_connection._connection_record
-                    conn = record.info.get(KEY) if record is not None else None
+                    info = context_entry_info(context)
+                    conn = info.get(KEY) if info is not None else None
                 except Exception:
                     internal_error("db_execute", hooks.registry)
             if conn is None:
