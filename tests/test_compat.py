@@ -211,12 +211,13 @@ def _transactions(statements: int) -> list[str]:
     return the transaction states the hooks recorded on the way."""
     from sqlalchemy import create_engine, text
 
+    from otel_disconnect.context import reset_current, set_current
     from otel_disconnect.db import engine as db_engine
-    from otel_disconnect.state import RequestState, _current
+    from otel_disconnect.state import RequestState
 
     engine = create_engine("sqlite://")
     db_engine.instrument_engine(engine, registry=CollectorRegistry())
-    token = _current.set(RequestState({"type": "http", "method": "GET", "path": "/"}))
+    token = set_current(RequestState({"type": "http", "method": "GET", "path": "/"}))
     states = []
     try:
         with engine.connect() as conn:
@@ -228,7 +229,7 @@ def _transactions(statements: int) -> list[str]:
                     states.append(found.effective_state())
                 states.append(found.effective_state())
     finally:
-        _current.reset(token)
+        reset_current(token)
         db_engine.uninstrument_engine(engine)
         engine.dispose()
     return states

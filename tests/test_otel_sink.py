@@ -198,10 +198,10 @@ def build_app(registry: CollectorRegistry, provider: MeterProvider, engine: Any)
     async def abort() -> dict[str, int]:
         # What the vLLM engine source does when vLLM aborts a request after its client left
         # (tests/engines/test_vllm.py drives it inside vLLM itself).
-        from otel_disconnect import current
+        from otel_disconnect.context import current_state
         from otel_disconnect.llm.vllm_engine import EngineRequest
 
-        state = current()
+        state = current_state()
         assert state is not None
         request = EngineRequest(state, "sim")
         request.counted(3)

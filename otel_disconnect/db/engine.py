@@ -19,13 +19,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 
 from ..compat.sqlalchemy import context_entry_info, entry_info
+from ..context import current_state
 from ..failsafe import internal_error
-from ..state import RequestState, _current
+from ..state import Extension, RequestState
 from ..telemetry import spans
 from ..telemetry.metrics import Metrics, metrics_for
 from . import checkouts as checked_out
@@ -94,7 +95,7 @@ class ConnState:
         return max(0.0, now - start)
 
 
-class DbRequest:
+class DbRequest(Extension):
     """The database side of one request (``state.extras[KEY]``), read by the recorder."""
 
     __slots__ = ("held", "interrupted_age", "interrupted_state", "left_open_written", "pids")
@@ -251,14 +252,14 @@ class EngineHooks:
                 pid = info[_PID_KEY] = _backend_pid(
                     self.dialect.get_driver_connection(dbapi_connection)
                 )
-            state = _current.get()
+            state = current_state()
             conn = ConnState(state, pid, self.db_system, self.metrics)
             info[KEY] = conn
             checked_out.add(id(record), conn)
             if state is not None:
                 extras = state.extras
                 found = extras.get(KEY) if extras is not None else None
-                (found or state.extra(KEY, DbRequest)).add(conn)
+                cast(DbRequest, found or state.extra(KEY, DbRequest)).add(conn)
         except Exception:
             internal_error("db_checkout", self.registry)
 
@@ -302,7 +303,7 @@ class EngineHooks:
                 conn.owner = None
                 extra = owner.extras.get(KEY) if owner.extras else None
                 if extra is not None:
-                    extra.remove(conn)
+                    cast(DbRequest, extra).remove(conn)
         except Exception:
             internal_error("db_checkin", self.registry)
 

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from ..routes import route_template
-from ..state import RequestState
+from ..state import Extension, RequestState
 from ..telemetry import spans
 from ..telemetry.metrics import Metrics, metrics_for
 
@@ -160,7 +160,7 @@ class Tally:
         return int(total), int(after), int(delivered), bool(estimated)
 
 
-class TokenAccount:
+class TokenAccount(Extension):
     """The recorder's integration object for tokens: ``span_attributes`` and ``record_end``."""
 
     __slots__ = (

@@ -44,9 +44,7 @@ class Recorder:
         )
         if state.extras:
             for extra in list(state.extras.values()):
-                hook = getattr(extra, "on_disconnect", None)
-                if hook is not None:
-                    hook(state)
+                extra.on_disconnect(state)
 
     def write_span(self, state: RequestState, work_end_perf: float) -> None:
         """Write the request-level attributes once, before the server span ends."""
@@ -76,9 +74,7 @@ class Recorder:
             attrs[spans.STREAM_END] = state.stream_end
         if state.extras:
             for extra in list(state.extras.values()):
-                hook = getattr(extra, "span_attributes", None)
-                if hook is not None:
-                    attrs.update(hook(state))
+                attrs.update(extra.span_attributes(state))
         spans.set_attributes(state.span, attrs)
 
     def end(self, state: RequestState) -> None:
@@ -101,6 +97,4 @@ class Recorder:
             self.write_span(state, now)
         if state.extras:
             for extra in list(state.extras.values()):
-                hook = getattr(extra, "record_end", None)
-                if hook is not None:
-                    hook(state, m, route)
+                extra.record_end(state, m, route)

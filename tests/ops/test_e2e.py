@@ -110,10 +110,10 @@ def build_app(
     async def engine_request(q: int = 0) -> dict[str, int]:
         # What the vLLM engine source does inside vLLM (tests/engines/test_vllm.py runs vLLM
         # itself): an engine request generating tokens, aborted once its client left.
-        from otel_disconnect import current
+        from otel_disconnect.context import current_state
         from otel_disconnect.llm.vllm_engine import EngineRequest
 
-        state = current()
+        state = current_state()
         assert state is not None
         request = EngineRequest(state, "sim")
         request.counted(3)
