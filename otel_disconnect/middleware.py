@@ -159,6 +159,9 @@ class _Cycle:
         self.zombie = False  # counted in the "disconnected" in-flight series
         self.released = False  # the request's bookkeeping is over (release() ran)
         state = self.state = RequestState(scope, spans.current_span())
+        # The sink of this middleware, for whatever counts against the request from elsewhere
+        # (token sources, engine callbacks, their internal errors), during it or after it.
+        state.metrics = self.recorder.metrics
         if scope.get("method") in _BODYLESS or not _expects_continue(scope):
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
             # reject the request unread; with that header, the app's first receive() goes first.

@@ -101,8 +101,8 @@ class RequestState:
         self.work_stopped: str | None = None
         # Token and database accounting hang their per-request objects here, keyed by module.
         self.extras: dict[str, Extension] | None = None
-        # The Metrics of the middleware that saw this request, for counts that arrive after it
-        # ended (a producer task's tokens); set by the recorder at a disconnect.
+        # The Metrics of the middleware that saw this request, for counts from token sources and
+        # engine callbacks, during the request or after it ended (a producer task's tokens).
         self.metrics: Any = None
         self._disconnected_at: float | None = None
         self._detected_by: str | None = None

@@ -51,6 +51,18 @@ def test_current_span_falls_back_to_the_api_on_another_runtime_context(
     assert (reader, fast) == (trace.get_current_span, False)
 
 
+def test_the_sdk_meter_provider_readers_are_read_not_guessed() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    assert otel_compat.sdk_metric_readers(MeterProvider(metric_readers=[reader])) == [reader], (
+        "the SDK's metric readers cannot be read: every SDK MeterProvider counts as exporting"
+    )
+    assert otel_compat.sdk_metric_readers(MeterProvider()) == []
+    assert otel_compat.sdk_metric_readers(object()) is None  # the fallback: not known
+
+
 # -- opentelemetry: the ASGI receive wrapper ---------------------------------------------------
 
 

@@ -93,13 +93,6 @@ def test_auto_picks_opentelemetry_only_for_a_provider_that_exports() -> None:
     assert sinks.choose("auto", None, NoOpMeterProvider()) == "prometheus"
 
 
-def test_the_sdk_readers_are_read_not_guessed() -> None:
-    # The one private read (MeterProvider._sdk_config.metric_readers). If it stops working the
-    # public fallback counts every SDK provider as exporting, and this fails.
-    reader = InMemoryMetricReader()
-    assert sinks.sdk_metric_readers(MeterProvider(metric_readers=[reader])) == [reader]
-    assert sinks.sdk_metric_readers(MeterProvider()) == []
-
 
 def test_metrics_option_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     from otel_disconnect import DisconnectMiddleware
@@ -452,7 +445,7 @@ def test_pg_collector_as_observable_gauges_reports_down() -> None:
     port = free_port()  # nothing listens there
     collector = PgActivityCollector(
         f"host=127.0.0.1 port={port} user=x dbname=x",
-        registry=None,
+        metrics="opentelemetry",
         meter_provider=MeterProvider(metric_readers=[reader]),
         connect_timeout_s=1,
     )

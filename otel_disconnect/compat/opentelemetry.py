@@ -74,3 +74,22 @@ def is_otel_middleware(cls: Any) -> bool:
     return getattr(cls, "__name__", "") == "OpenTelemetryMiddleware" and (
         getattr(cls, "__module__", "") or ""
     ).startswith("opentelemetry.instrumentation")
+
+
+def sdk_metric_readers(provider: Any) -> list[Any] | None:
+    """The SDK MeterProvider's metric readers, or None when they cannot be read.
+
+    The SDK has no public accessor: ``_metric_readers`` (SDK 1.28 and later) or
+    ``_sdk_config.metric_readers`` (before). Without them every SDK provider counts as exporting
+    (``metrics="auto"`` then picks OpenTelemetry for an SDK provider that has no reader);
+    tests/test_compat.py fails when neither is there.
+    """
+    readers = getattr(provider, "_metric_readers", None)
+    if readers is None:
+        readers = getattr(getattr(provider, "_sdk_config", None), "metric_readers", None)
+    if readers is None:
+        return None
+    try:
+        return list(readers)
+    except TypeError:
+        return None

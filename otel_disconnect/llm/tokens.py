@@ -28,4 +28,4 @@ def record_tokens(n: int = 1, *, model: str | None = None) -> None:
             tally.add_segment(Segment(state.start_perf), state.detected_perf)
         account.counted(state, tally.open[0], int(n), delivered=False)
     except Exception:
-        internal_error("record_tokens")
+        internal_error("record_tokens", metrics=state.metrics)

@@ -31,8 +31,6 @@ class Recorder:
 
     def disconnect(self, state: RequestState) -> None:
         m = self.metrics
-        # For tokens a producer counts after the request ended (llm.account): off the hot path.
-        state.metrics = m
         route = state.route = route_template(state.scope)
         offset = state.offset_s or 0.0
         m.client_wait.labels(route).observe(offset)

@@ -326,7 +326,8 @@ def database(registry: CollectorRegistry, options: dict[str, Any]) -> Iterator[A
     )
     provider = options.get("meter_provider")
     collector = PgActivityCollector(
-        url, registry=registry if provider is None else None, meter_provider=provider
+        url, registry=registry, meter_provider=provider,
+        metrics="prometheus" if provider is None else "opentelemetry",
     )
     try:
         yield engine

@@ -233,10 +233,9 @@ def create_app(config: GatewayConfig, *, registry: Any = None, tracer_provider: 
     instrument_app(app, engines=[engine], cancel_on_disconnect=config.safe, registry=registry,
                    tracer_provider=tracer_provider)
     if collector:
-        from prometheus_client import REGISTRY
 
         pg = PgActivityCollector(
-            libpq_url(config.database_url), registry=REGISTRY if registry is None else registry,
+            libpq_url(config.database_url), registry=registry, metrics="prometheus",
             application_name=f"{config.application_name}-monitor",
         )
         state["collector"] = pg
