@@ -249,16 +249,19 @@ def _transactions(statements: int) -> list[str]:
 
 def test_sqlalchemy_takes_the_pool_entry_shortcut() -> None:
     from otel_disconnect.compat import sqlalchemy as sa_compat
+    from otel_disconnect.db import engine as db_engine
 
-    assert sa_compat.Layout.fast
-    states = _transactions(3)
-    assert sa_compat.Layout.fast, "SQLAlchemy's private layout changed: the public path runs"
-    assert states == ["idle_in_transaction", "none"] * 3
+    assert sa_compat.FAST, "SQLAlchemy's private layout changed: the public path runs"
+    assert db_engine.entry_info is sa_compat.entry_info
+    assert db_engine.context_entry_info is sa_compat.context_entry_info
+    assert _transactions(3) == ["idle_in_transaction", "none"] * 3
 
 
 def test_sqlalchemy_public_fallback_gives_the_same_states(monkeypatch: pytest.MonkeyPatch) -> None:
     from otel_disconnect.compat import sqlalchemy as sa_compat
+    from otel_disconnect.db import engine as db_engine
 
     fast = _transactions(3)
-    monkeypatch.setattr(sa_compat.Layout, "fast", False)
+    monkeypatch.setattr(db_engine, "entry_info", sa_compat._public_entry_info)
+    monkeypatch.setattr(db_engine, "context_entry_info", sa_compat._public_context_entry_info)
     assert _transactions(3) == fast

@@ -50,8 +50,11 @@ _instrument_lock = threading.Lock()
 
 def conn_state(proxied: Any) -> ConnState | None:
     """The ConnState of a checked-out connection (what the dialect methods get), or None."""
-    info = entry_info(proxied)
-    return info.get(KEY) if info is not None else None
+    try:
+        found: ConnState | None = entry_info(proxied).get(KEY)
+        return found
+    except AttributeError:  # detached from its pool
+        return None
 
 
 class ConnState:
@@ -350,8 +353,20 @@ class EngineHooks:
                 setattr(dialect, name, previous)
         self.wrapped.clear()
 
-    # The hot wrappers (begin, commit, rollback, execute) look their ConnState up inline: a
-    # function call more per statement is a measurable share of what they cost.
+    # The wrapper of every statement (execute) looks its ConnState up inline: a function call
+    # more per statement is a measurable share of what it costs. Begin, commit and rollback run
+    # once per transaction and share the helpers below.
+
+    def state_of(self, dbapi_connection: Any, where: str) -> ConnState | None:
+        """The ConnState behind the connection a dialect method got, or None."""
+        try:
+            found: ConnState | None = entry_info(dbapi_connection).get(KEY)
+            return found
+        except AttributeError:  # detached from its pool
+            return None
+        except Exception:
+            internal_error(where, self.registry)
+            return None
 
     def _lookup_connection(self, connection: Any, where: str) -> ConnState | None:
         """The ConnState behind a SQLAlchemy Connection (the two-phase methods get one)."""
@@ -371,22 +386,8 @@ class EngineHooks:
 
         @functools.wraps(original)
         def do_begin(dbapi_connection: Any) -> Any:
-            conn: ConnState | None = None
-            if hooks.active:
-                try:
-                    conn = conn_state(dbapi_connection)
-                except Exception:
-                    internal_error("db_begin", hooks.registry)
-            if conn is None:
-                return original(dbapi_connection)
-            before = conn.tx, conn.tx_start
-            conn.tx = IDLE_IN_TRANSACTION
-            conn.tx_start = time.time()
-            try:
-                return original(dbapi_connection)
-            except BaseException:
-                conn.tx, conn.tx_start = before  # no transaction began
-                raise
+            conn = hooks.state_of(dbapi_connection, "db_begin") if hooks.active else None
+            return _begin_on(conn, original, dbapi_connection)
 
         return do_begin
 
@@ -395,17 +396,7 @@ class EngineHooks:
 
         @functools.wraps(original)
         def do_begin_twophase(connection: Any, xid: Any) -> Any:
-            conn = lookup(connection, "db_begin")
-            if conn is None:
-                return original(connection, xid)
-            before = conn.tx, conn.tx_start
-            conn.tx = IDLE_IN_TRANSACTION
-            conn.tx_start = time.time()
-            try:
-                return original(connection, xid)
-            except BaseException:
-                conn.tx, conn.tx_start = before
-                raise
+            return _begin_on(lookup(connection, "db_begin"), original, connection, xid)
 
         return do_begin_twophase
 
@@ -414,23 +405,8 @@ class EngineHooks:
 
         @functools.wraps(original)
         def ending(dbapi_connection: Any) -> Any:
-            conn: ConnState | None = None
-            if hooks.active:
-                try:
-                    conn = conn_state(dbapi_connection)
-                except Exception:
-                    internal_error(where, hooks.registry)
-            # Only an open transaction ends: the pool's rollback of a clean connection, or the
-            # do_rollback a two-phase commit runs inside do_commit_twophase, changes nothing.
-            if conn is None or conn.tx != IDLE_IN_TRANSACTION:
-                return original(dbapi_connection)
-            conn.tx = during
-            try:
-                return original(dbapi_connection)
-            finally:
-                # Returned or raised, SQLAlchemy is done with this transaction either way.
-                conn.tx = NONE
-                conn.tx_start = None
+            conn = hooks.state_of(dbapi_connection, where) if hooks.active else None
+            return _end_on(conn, during, original, dbapi_connection)
 
         return ending
 
@@ -440,14 +416,7 @@ class EngineHooks:
         @functools.wraps(original)
         def ending(connection: Any, xid: Any, *args: Any, **kwargs: Any) -> Any:
             conn = lookup(connection, "db_commit")
-            if conn is None or conn.tx != IDLE_IN_TRANSACTION:
-                return original(connection, xid, *args, **kwargs)
-            conn.tx = during
-            try:
-                return original(connection, xid, *args, **kwargs)
-            finally:
-                conn.tx = NONE
-                conn.tx_start = None
+            return _end_on(conn, during, original, connection, xid, *args, **kwargs)
 
         return ending
 
@@ -476,8 +445,9 @@ class EngineHooks:
             conn: ConnState | None = None
             if context is not None and hooks.active:  # None only for some mssql defaults
                 try:
-                    info = context_entry_info(context)
-                    conn = info.get(KEY) if info is not None else None
+                    conn = context_entry_info(context).get(KEY)
+                except AttributeError:  # detached from its pool
+                    pass
                 except Exception:
                     internal_error("db_execute", hooks.registry)
             if conn is None:
@@ -498,8 +468,9 @@ class EngineHooks:
             conn: ConnState | None = None
             if context is not None and hooks.active:
                 try:
-                    info = context_entry_info(context)
-                    conn = info.get(KEY) if info is not None else None
+                    conn = context_entry_info(context).get(KEY)
+                except AttributeError:  # detached from its pool
+                    pass
                 except Exception:
                     internal_error("db_execute", hooks.registry)
             if conn is None:
@@ -514,6 +485,38 @@ class EngineHooks:
 
 
 _ABSENT = object()  # the dialect instance had no attribute of its own: the class's method ran
+
+
+def _begin_on(conn: ConnState | None, call: Callable[..., Any], *args: Any) -> Any:
+    """A dialect's begin for ``conn``: idle in transaction from now on, unless it raises."""
+    if conn is None:
+        return call(*args)
+    before = conn.tx, conn.tx_start
+    conn.tx = IDLE_IN_TRANSACTION
+    conn.tx_start = time.time()
+    try:
+        return call(*args)
+    except BaseException:
+        conn.tx, conn.tx_start = before  # no transaction began
+        raise
+
+
+def _end_on(
+    conn: ConnState | None, during: str, call: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """A dialect's commit or rollback for ``conn``: ``during`` while it runs, then none.
+
+    Only an open transaction ends: the pool's rollback of a clean connection, or the do_rollback
+    a two-phase commit runs inside do_commit_twophase, changes nothing."""
+    if conn is None or conn.tx != IDLE_IN_TRANSACTION:
+        return call(*args, **kwargs)
+    conn.tx = during
+    try:
+        return call(*args, **kwargs)
+    finally:
+        # Returned or raised, SQLAlchemy is done with this transaction either way.
+        conn.tx = NONE
+        conn.tx_start = None
 
 
 def _own_attribute(dialect: Any, name: str, found: Any) -> Any:
