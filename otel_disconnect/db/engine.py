@@ -48,12 +48,24 @@ _instrumented: weakref.WeakKeyDictionary[Any, EngineHooks] = weakref.WeakKeyDict
 _instrument_lock = threading.Lock()
 
 
-def conn_state(proxied: Any) -> ConnState | None:
-    """The ConnState of a checked-out connection (what the dialect methods get), or None."""
+def conn_state(
+    proxied: Any,
+    where: str = "db_lookup",
+    registry: CollectorRegistry | None = None,
+    info: Callable[[Any], dict[Any, Any]] | None = None,
+) -> ConnState | None:
+    """The ConnState of a checked-out connection (what the dialect methods get), or None;
+    ``info=context_entry_info`` for an execution context.
+
+    Fails open: anything else than a connection detached from its pool is an internal error,
+    counted under ``where`` in ``registry``."""
     try:
-        found: ConnState | None = entry_info(proxied).get(KEY)
+        found: ConnState | None = (info or entry_info)(proxied).get(KEY)
         return found
     except AttributeError:  # detached from its pool
+        return None
+    except Exception:
+        internal_error(where, registry)
         return None
 
 
@@ -353,21 +365,6 @@ class EngineHooks:
                 setattr(dialect, name, previous)
         self.wrapped.clear()
 
-    # The wrapper of every statement (execute) looks its ConnState up inline: a function call
-    # more per statement is a measurable share of what it costs. Begin, commit and rollback run
-    # once per transaction and share the helpers below.
-
-    def state_of(self, dbapi_connection: Any, where: str) -> ConnState | None:
-        """The ConnState behind the connection a dialect method got, or None."""
-        try:
-            found: ConnState | None = entry_info(dbapi_connection).get(KEY)
-            return found
-        except AttributeError:  # detached from its pool
-            return None
-        except Exception:
-            internal_error(where, self.registry)
-            return None
-
     def _lookup_connection(self, connection: Any, where: str) -> ConnState | None:
         """The ConnState behind a SQLAlchemy Connection (the two-phase methods get one)."""
         if not self.active:
@@ -376,7 +373,7 @@ class EngineHooks:
             # Connection.connection would try to reconnect an invalidated Connection: skip those.
             if connection.invalidated or connection.closed:
                 return None
-            return conn_state(connection.connection)
+            return conn_state(connection.connection, where, self.registry)
         except Exception:
             internal_error(where, self.registry)
             return None
@@ -386,7 +383,9 @@ class EngineHooks:
 
         @functools.wraps(original)
         def do_begin(dbapi_connection: Any) -> Any:
-            conn = hooks.state_of(dbapi_connection, "db_begin") if hooks.active else None
+            if not hooks.active:
+                return original(dbapi_connection)
+            conn = conn_state(dbapi_connection, "db_begin", hooks.registry)
             return _begin_on(conn, original, dbapi_connection)
 
         return do_begin
@@ -405,7 +404,7 @@ class EngineHooks:
 
         @functools.wraps(original)
         def ending(dbapi_connection: Any) -> Any:
-            conn = hooks.state_of(dbapi_connection, where) if hooks.active else None
+            conn = conn_state(dbapi_connection, where, hooks.registry) if hooks.active else None
             return _end_on(conn, during, original, dbapi_connection)
 
         return ending
@@ -442,14 +441,9 @@ class EngineHooks:
 
         @functools.wraps(original)
         def execute(cursor: Any, statement: Any, parameters: Any, context: Any = None) -> Any:
-            conn: ConnState | None = None
-            if context is not None and hooks.active:  # None only for some mssql defaults
-                try:
-                    conn = context_entry_info(context).get(KEY)
-                except AttributeError:  # detached from its pool
-                    pass
-                except Exception:
-                    internal_error("db_execute", hooks.registry)
+            conn = None  # context is None only for some mssql defaults
+            if hooks.active and context is not None:
+                conn = conn_state(context, "db_execute", hooks.registry, context_entry_info)
             if conn is None:
                 return original(cursor, statement, parameters, context)
             conn.running = True
@@ -465,14 +459,9 @@ class EngineHooks:
 
         @functools.wraps(original)
         def do_execute_no_params(cursor: Any, statement: Any, context: Any = None) -> Any:
-            conn: ConnState | None = None
-            if context is not None and hooks.active:
-                try:
-                    conn = context_entry_info(context).get(KEY)
-                except AttributeError:  # detached from its pool
-                    pass
-                except Exception:
-                    internal_error("db_execute", hooks.registry)
+            conn = None
+            if hooks.active and context is not None:
+                conn = conn_state(context, "db_execute", hooks.registry, context_entry_info)
             if conn is None:
                 return original(cursor, statement, context)
             conn.running = True
