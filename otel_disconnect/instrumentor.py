@@ -201,6 +201,9 @@ _OPTION_NAMES = frozenset(
         "excluded_urls",
         "count_tokens",
         "retry_window_s",
+        "retry_identity",
+        "redis_url",
+        "fleet",
     )
 )
 

@@ -44,6 +44,16 @@ class DisconnectMiddleware:
         self.recorder = Recorder(metrics_for(self.config.registry))
         # Shared by this middleware's requests: digests of recently disconnected requests.
         self.retries = RetryTracker(self.config.retry_window_s)
+        self.fleet: Any = None  # with redis_url: the fleet channel, started on the first request
+        if self.config.redis_url is not None and self.retries.enabled:
+            try:
+                from .fleet.process import FleetRetries
+
+                self.fleet = FleetRetries(
+                    self.config.redis_url, self.config.fleet, self.retries, self.config.registry
+                )
+            except Exception:
+                internal_error("fleet_start", self.config.registry)
         if self.config.count_tokens == "auto":
             try:
                 instrument_upstreams()  # LLM gateways: count what they read from upstream
@@ -58,6 +68,11 @@ class DisconnectMiddleware:
         if excluded is not None and excluded.search(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
+        if self.fleet is not None:
+            try:
+                self.fleet.ensure_started()  # background tasks on this loop; no I/O here
+            except Exception:
+                internal_error("fleet_start", self.config.registry)
         try:
             cycle = _Cycle(self, scope, receive, send)
         except _NotAsyncio:
@@ -286,9 +301,10 @@ class _Cycle:
 
     # -- retries -------------------------------------------------------------------------------
 
-    def check_retry(self) -> None:
-        """Flag a request that repeats one whose client left within the retry window."""
-        if self.retry_checked:
+    def check_retry(self, again: bool = False) -> None:
+        """Flag a request that repeats one whose client left within the retry window.
+        ``again``: at the end, for a disconnect another process told us about meanwhile."""
+        if self.state.retry_of_disconnected or (self.retry_checked and not again):
             return
         self.retry_checked = True
         try:
@@ -308,7 +324,10 @@ class _Cycle:
         self.remembered = True
         try:
             route = route_template(self.scope)
-            self.retries.remember(self.fingerprint(route), self.state.detected_perf)
+            at = self.state.detected_perf
+            self.retries.disconnected(
+                self.fingerprint(route), time.perf_counter() if at is None else at
+            )
         except Exception:
             internal_error("retry", self.config.registry)
 
@@ -366,7 +385,7 @@ class _Cycle:
                 else:
                     state.set_outcome("completed")
             if self.retries.entries:
-                self.check_retry()
+                self.check_retry(again=self.retries.publish is not None)
             if state.detected_perf is not None and self.retries.enabled:
                 self.remember_disconnect()
             self.recorder.end(state)

@@ -90,12 +90,14 @@ def fingerprint(
 class RetryTracker:
     """Fingerprints of recently disconnected requests. One per middleware, shared by requests."""
 
-    __slots__ = ("entries", "max_entries", "window_s")
+    __slots__ = ("entries", "max_entries", "publish", "window_s")
 
     def __init__(self, window_s: float, max_entries: int = MAX_ENTRIES) -> None:
         self.window_s = window_s
         self.max_entries = max_entries
         self.entries: OrderedDict[bytes, tuple[float, ...]] = OrderedDict()
+        # Set by the fleet channel (redis_url): tells the other processes, off the request path.
+        self.publish: Callable[[bytes, float], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -114,6 +116,12 @@ class RetryTracker:
         entries[fp] = (*times[-(TIMES_PER_ENTRY - 1) :], at)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
+
+    def disconnected(self, fp: bytes, at: float) -> None:
+        """A request of this process disconnected: remember it, and tell the fleet."""
+        self.remember(fp, at)
+        if self.publish is not None:
+            self.publish(fp, at)
 
     def is_retry(self, fp: bytes, started: float, now: float | None = None) -> bool:
         """True when ``fp`` disconnected before ``started`` (a request's own start, on the

@@ -24,6 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from ..failsafe import internal_error
+from ..fleet import process as fleet
 from ..state import RequestState, _current
 from ..telemetry import spans
 from ..telemetry.metrics import Metrics, metrics_for
@@ -51,6 +52,8 @@ class ConnState:
 
     __slots__ = (
         "checked_in",
+        "claimed",
+        "database",
         "db_system",
         "metrics",
         "outcome",
@@ -62,9 +65,16 @@ class ConnState:
     )
 
     def __init__(
-        self, owner: RequestState | None, pid: int | None, db_system: str, metrics: Metrics
+        self,
+        owner: RequestState | None,
+        pid: int | None,
+        db_system: str,
+        metrics: Metrics,
+        database: str = "",
     ) -> None:
         self.owner = owner
+        self.database = database  # the database name, for the fleet's orphan events
+        self.claimed: str | None = None  # the owner a fleet orphan event named
         self.pid = pid
         self.db_system = db_system
         self.metrics = metrics
@@ -137,6 +147,8 @@ class DbRequest:
                 attributes[spans.DB_TRANSACTION_AGE_S] = age
             if conn.pid is not None:
                 attributes[spans.DB_BACKEND_PID] = conn.pid
+                if fleet.current() is not None:
+                    fleet.claim(conn, "disconnected", state)
             spans.add_event(
                 state.span, spans.EVENT_DB_TRANSACTION_INTERRUPTED, attributes, timestamp
             )
@@ -164,6 +176,12 @@ class DbRequest:
         return attributes
 
     def record_end(self, state: RequestState, metrics: Metrics, route: str) -> None:
+        if fleet.current() is not None:
+            # A connection still held in a transaction when its request ended: tell the fleet's
+            # pg-exporter whose it is (a leak, client or not).
+            for conn in self.left_open():
+                if conn.effective_state() != NONE:
+                    fleet.claim(conn, "ended", state)
         if not state.disconnected:
             return
         left = self.left_open()
@@ -193,6 +211,8 @@ class EngineHooks:
         self.engine = weakref.ref(engine)
         self.dialect = engine.dialect
         self.db_system = str(engine.dialect.name)
+        # The database name the fleet's orphan events carry (PostgreSQL's default: the user).
+        self.database = str(engine.url.database or engine.url.username or "")
         self.registry = registry
         self.metrics = metrics_for(registry)
         self.checkins = {
@@ -245,7 +265,7 @@ class EngineHooks:
                     self.dialect.get_driver_connection(dbapi_connection)
                 )
             state = _current.get()
-            conn = ConnState(state, pid, self.db_system, self.metrics)
+            conn = ConnState(state, pid, self.db_system, self.metrics, self.database)
             info[KEY] = conn
             checked_out.add(id(record), conn)
             if state is not None:
@@ -290,6 +310,8 @@ class EngineHooks:
                 return
             conn.checked_in = True
             self.checkins[conn.outcome or default].inc()
+            if conn.claimed is not None:
+                fleet.release(conn)
             owner = conn.owner
             if owner is not None:
                 conn.owner = None

@@ -1,0 +1,99 @@
+"""The app side: a middleware's retry tracker on the fleet channel, and this process's channel
+for the database hooks' orphan events.
+
+Retry events carry wall-clock times; the tracker keeps ``time.perf_counter()`` times, so a
+received event is placed on this process's clock as "now minus how long ago it happened".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from ..retry import RetryTracker
+from . import events
+from .channel import FleetChannel
+
+if TYPE_CHECKING:
+    from ..db.engine import ConnState
+    from ..state import RequestState
+
+# The channel the database hooks publish on: the last one started in this process.
+_current: list[FleetChannel] = []
+
+
+def current() -> FleetChannel | None:
+    return _current[-1] if _current else None
+
+
+class FleetRetries:
+    """Publishes this middleware's disconnects and feeds the fleet's into its local tracker."""
+
+    def __init__(
+        self, url: str, fleet: str, tracker: RetryTracker, registry: CollectorRegistry | None
+    ) -> None:
+        self.tracker = tracker
+        self.channel = FleetChannel(url, fleet, self.on_event, registry=registry)
+        tracker.publish = self.publish
+
+    def ensure_started(self) -> None:
+        channel = self.channel
+        channel.ensure_started()
+        if not _current or _current[-1] is not channel:
+            _current[:] = [channel]
+
+    def publish(self, fp: bytes, at_perf: float) -> None:
+        channel = self.channel
+        wall = time.time() - (time.perf_counter() - at_perf)
+        channel.publish(
+            events.retry(channel.fleet, channel.origin, fp, wall, self.tracker.window_s)
+        )
+
+    def on_event(self, event: events.Event) -> None:
+        if event.kind == "r":
+            self.tracker.remember(event.fp, time.perf_counter() - (time.time() - event.t))
+
+
+# -- database hooks ----------------------------------------------------------------------------
+
+
+def claim(conn: ConnState, owner: str, state: RequestState | None) -> None:
+    """``conn`` is held in a transaction by a request that ended or whose client left."""
+    channel = current()
+    if channel is None or conn.pid is None or conn.claimed == owner:
+        return
+    conn.claimed = owner
+    span = state.span if state is not None else None
+    channel.publish(
+        events.orphan(
+            channel.fleet,
+            channel.origin,
+            time.time(),
+            db=conn.database,
+            pid=conn.pid,
+            owner=owner,
+            trace_id=_trace_id(span),
+            route=(state.route or "") if state is not None else "",
+        )
+    )
+
+
+def release(conn: ConnState) -> None:
+    """A claimed connection went back to its pool (or was closed)."""
+    channel = current()
+    if channel is None or conn.pid is None:
+        return
+    conn.claimed = None
+    channel.publish(
+        events.over(channel.fleet, channel.origin, time.time(), conn.database, conn.pid)
+    )
+
+
+def _trace_id(span: Any) -> str:
+    try:
+        context = span.get_span_context()
+        return format(context.trace_id, "032x") if context.trace_id else ""
+    except Exception:
+        return ""
