@@ -33,7 +33,7 @@ QUEUE_MAX = 10_000  # events waiting for Redis, per process
 STREAM_MAXLEN = 10_000  # events Redis keeps per fleet (trimmed approximately, in whole nodes)
 BATCH = 500
 BLOCK_MS = 5_000  # an idle reader sends one XREAD per this long
-BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 2.0
 TIMEOUT_S = 2.0
 
 
@@ -68,6 +68,7 @@ class FleetChannel:
         self.queue: collections.deque[bytes] = collections.deque()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.closing = False
         self._wake: asyncio.Event | None = None
         self._thread = 0
         self._read_ok = False
@@ -87,6 +88,7 @@ class FleetChannel:
         # Made here, not at construction: a fork between the two gets its own identity.
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
         self._wake = asyncio.Event()
+        self.closing = False
         self._read_ok, self._write_ok = False, True
         self.tasks = [loop.create_task(self._read_loop(), name="otel-disconnect fleet reader")]
         if self.write:
@@ -98,11 +100,11 @@ class FleetChannel:
 
     async def aclose(self) -> None:
         tasks, self.tasks = self.tasks, []
+        self.closing = True  # redis-py may turn a cancellation into its own error: stop anyway
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):  # cancelled on purpose
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=TIMEOUT_S)
         self.loop = None
 
     # -- writing -------------------------------------------------------------------------------
@@ -128,10 +130,10 @@ class FleetChannel:
         assert self._wake is not None
         client: Any = None
         delay = BACKOFF_MIN_S
-        while True:
+        while not self.closing:
             await self._wake.wait()
             self._wake.clear()
-            while self.queue:
+            while self.queue and not self.closing:
                 batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
                 try:
                     if client is None:
@@ -167,7 +169,7 @@ class FleetChannel:
         client: Any = None
         delay = BACKOFF_MIN_S
         last = "0-0"
-        while True:
+        while not self.closing:
             try:
                 if client is None:
                     client = _client(self.url, TIMEOUT_S + self.block_ms / 1000)
