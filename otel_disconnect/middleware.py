@@ -61,6 +61,13 @@ class DisconnectMiddleware:
                 internal_error("instrument_upstreams", self.config.registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fleet is not None:
+            # Background tasks on this loop, no I/O here; at lifespan start-up when the server
+            # runs it, so a worker hears the fleet before its first request.
+            try:
+                self.fleet.ensure_started()
+            except Exception:
+                internal_error("fleet_start", self.config.registry)
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -68,11 +75,6 @@ class DisconnectMiddleware:
         if excluded is not None and excluded.search(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        if self.fleet is not None:
-            try:
-                self.fleet.ensure_started()  # background tasks on this loop; no I/O here
-            except Exception:
-                internal_error("fleet_start", self.config.registry)
         try:
             cycle = _Cycle(self, scope, receive, send)
         except _NotAsyncio:

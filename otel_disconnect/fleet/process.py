@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from ..db.engine import ConnState
     from ..state import RequestState
 
+# A retry can reach another process before the process that lost the client has seen its
+# disconnect: the client hangs up and reconnects at once, and the two processes race to run (on
+# a loaded 2-core machine the loser was seen 20 to 500 ms late). A disconnect heard from the
+# fleet counts as this much earlier, so such a retry is still after it. Only a request with the
+# same fingerprint (key, identity or address, method, route, body) that began at most this long
+# before the disconnect could be flagged wrongly.
+REMOTE_GRACE_S = 0.25
+
 # The channel the database hooks publish on: the last one started in this process.
 _current: list[FleetChannel] = []
 
@@ -53,7 +61,8 @@ class FleetRetries:
 
     def on_event(self, event: events.Event) -> None:
         if event.kind == "r":
-            self.tracker.remember(event.fp, time.perf_counter() - (time.time() - event.t))
+            ago = time.time() - event.t + REMOTE_GRACE_S
+            self.tracker.remember(event.fp, time.perf_counter() - ago)
 
 
 # -- database hooks ----------------------------------------------------------------------------

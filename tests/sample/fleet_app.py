@@ -1,0 +1,59 @@
+"""A FastAPI app for ``uvicorn --workers N`` on the fleet channel (subprocess tests).
+
+``OTEL_DISCONNECT_REDIS_URL`` turns the channel on; ``FLEET_TEST_LOG`` names a file where every
+request appends "pid attempt" when it starts, so a test knows which worker served which attempt.
+With ``FLEET_TEST_PG_URL`` (an asyncpg URL) ``/hold_tx`` opens a transaction and waits (a
+disconnected owner) and ``/leak_tx`` opens one and returns without closing it (an ended owner).
+"""
+
+import asyncio
+import os
+
+from fastapi import FastAPI, Request
+from sqlalchemy import text
+
+from otel_disconnect import instrument_app
+
+app = FastAPI()
+LOG = os.environ.get("FLEET_TEST_LOG")
+engines = []
+leaked = []  # connections a request left checked out, kept alive on purpose
+
+
+@app.post("/generate")
+async def generate(request: Request, seconds: float = 0.9) -> dict[str, int]:
+    body = await request.body()
+    if LOG:
+        with open(LOG, "a") as log:
+            log.write(f"{os.getpid()} {request.headers.get('x-attempt', '-')}\n")
+    await asyncio.sleep(seconds)
+    return {"size": len(body)}
+
+
+if os.environ.get("FLEET_TEST_PG_URL"):
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(
+        os.environ["FLEET_TEST_PG_URL"],
+        connect_args={"server_settings": {"application_name": os.environ["FLEET_TEST_APP_NAME"]}},
+    )
+    engines.append(engine)
+
+    @app.get("/hold_tx")
+    async def hold_tx() -> dict[str, int]:
+        async with engine.connect() as conn:
+            await conn.begin()
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            await asyncio.sleep(3600)  # the client leaves; this request keeps its transaction
+            return {"pid": pid}
+
+    @app.get("/leak_tx")
+    async def leak_tx() -> dict[str, int]:
+        conn = await engine.connect()
+        await conn.begin()
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        leaked.append(conn)  # never closed: the request ends, the transaction stays
+        return {"pid": pid}
+
+
+instrument_app(app, engines=engines)
