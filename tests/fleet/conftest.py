@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import require_binary
+from ..db.conftest import pg_url  # noqa: F401 - the session's PostgreSQL, for the orphan test
 from .redis_server import RedisServer
 
 pytest.importorskip("redis")

@@ -56,4 +56,10 @@ if os.environ.get("FLEET_TEST_PG_URL"):
         return {"pid": pid}
 
 
+if os.environ.get("FLEET_TEST_TRACING"):  # spans with real trace ids, exported nowhere
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    trace.set_tracer_provider(TracerProvider())
+
 instrument_app(app, engines=engines)
