@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import Callable, Generator
 from types import FunctionType
 from typing import Any
+
+import anyio
 
 from ._types import Message, Receive
 
@@ -225,6 +228,12 @@ class ReceivePump:
             if self._error is not None:
                 exc, self._error = self._error, None
                 raise exc
+            if self._closed and self._task is not None and _only_if_ready():
+                # After the response, a caller that wants only what is there at once (Starlette's
+                # is_disconnected() reads in a cancelled scope) must not wait for the Task: it is
+                # withdrawn and the app reads for itself, as it would without the read-ahead.
+                self._cancel_task()
+                continue
             if self.pending:  # a read-ahead in progress (after close() only a Task's) goes first
                 waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 self._waiters.append(waiter)
@@ -272,9 +281,17 @@ class ReceivePump:
     def end(self) -> None:
         """The app returned: cancel a read still running in a Task (nobody will read it)."""
         self.close()
-        task, self._task = self._task, None
-        if task is not None:
-            task.remove_done_callback(self._task_done)
+        self._cancel_task()
+
+    def _cancel_task(self) -> None:
+        task = self._task
+        if task is None:
+            return
+        task.remove_done_callback(self._task_done)
+        if task.done():  # finished in this turn: its message is kept, not thrown away
+            self._task_done(task)
+        else:
+            self._task = None
             task.cancel()
 
     def _finish_driven(self) -> None:
@@ -312,6 +329,14 @@ class ReceivePump:
 
 # A read that keeps yielding without waiting (sleep(0) loops) is given this many steps at close.
 _FINISH_STEPS = 8
+
+
+def _only_if_ready() -> bool:
+    """The caller runs in a cancelled anyio scope: it asks for a message only if one is ready."""
+    try:
+        return anyio.current_effective_deadline() == -math.inf
+    except Exception:  # not inside anything anyio knows
+        return False
 
 
 def _ignore(message: Message) -> None:

@@ -217,3 +217,47 @@ def test_disconnect_read_when_the_app_ends_is_detected(path: str, timing: str) -
     assert state.disconnected
     assert state.detected_by == "receive"
     assert server.given == [A, DISCONNECT]
+
+
+class AnsweringServer(FutureServer):
+    """Like the test transports: once the response is complete, receive() says disconnect at
+    once, without waiting."""
+
+    async def receive(self) -> Message:
+        if any(m.get("type") == "http.response.body" for m in self.sent):
+            return {"type": "http.disconnect"}
+        return await super().receive()
+
+    async def send(self, message: Message) -> None:
+        await super().send(message)
+        if message.get("type") == "http.response.body":
+            for future in self.waiting:  # a read waiting on the server ends with the response
+                if not future.done():
+                    future.set_result({"type": "http.disconnect"})
+
+
+@pytest.mark.parametrize("path", SERVERS)
+def test_a_read_only_if_ready_after_the_response_is_answered_at_once(path: str) -> None:
+    """Starlette's ``request.is_disconnected()`` reads in a cancelled scope: after the response
+    it must see what the server says at once, not time out waiting for the read-ahead."""
+    import anyio
+
+    kind = type("AnsweringServer", (AnsweringServer, SERVERS[path]), {})
+    kind.__module__ = SERVERS[path].__module__  # the driven one is named like uvicorn's
+    server = kind()
+    seen: list[Message] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await receive())  # A
+        await _turns(2)  # the read-ahead now waits on the server
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        message: Message = {}
+        with anyio.CancelScope() as scope_:
+            scope_.cancel()
+            message = await receive()
+        seen.append(message)
+
+    server.deliver(A)
+    _run(server, app)
+    assert seen == [A, DISCONNECT]
