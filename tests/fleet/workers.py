@@ -31,7 +31,7 @@ def fleet_app(metrics_dir: Path, workers: int, **env: str) -> Iterator[int]:
         [
             sys.executable, "-m", "uvicorn", "tests.sample.fleet_app:app",
             "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
-            "--no-access-log", "--log-level", "warning",
+            "--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "2",
         ],
         cwd=ROOT,
         env=environ,
@@ -41,4 +41,8 @@ def fleet_app(metrics_dir: Path, workers: int, **env: str) -> Iterator[int]:
         yield port
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
