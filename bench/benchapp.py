@@ -7,9 +7,18 @@ nothing. The variants:
 - ``otel``: ``FastAPIInstrumentor.instrument_app`` with an SDK TracerProvider whose
   BatchSpanProcessor (the production processor) exports to an exporter that drops the spans;
 - ``otel+disconnect``: the same plus ``otel_disconnect.instrument_app(app, metrics_path=None)``;
-- ``otel+naive``: the same as ``otel`` plus a one-reader-task-per-request middleware.
+- ``otel+disconnect+sdkmetrics``: the same with ``metrics="opentelemetry"``, the OpenTelemetry
+  sink, on an SDK MeterProvider with an in-memory reader (collects only when asked);
+- ``otel+naive``: the same as ``otel`` plus a one-reader-task-per-request middleware;
+- ``disconnect`` (not in the default set): ``bare`` plus ``DisconnectMiddleware`` alone, no
+  OpenTelemetry, so the middleware's own cost is not diluted by the SDK's;
+- ``disconnect-nocount``, ``otel+disconnect-nocount`` (not in the default set): the same with
+  ``count_tokens="off"``: the middleware passing a stream through without counting its tokens,
+  the baseline the cost of counting is measured against.
 
-Routes: ``/hello`` (small JSON), ``/stream`` (10 small chunks), ``/wait`` + ``/started`` +
+Routes: ``/hello`` (small JSON), ``/stream`` (10 small SSE events that are not completion chunks),
+``/chat`` (an OpenAI chat-completion stream: 10 ``chat.completion.chunk`` events of one token
+each and ``data: [DONE]``, what LLM services stream), ``/wait`` + ``/started`` +
 ``/result`` (detection latency, variants with otel-disconnect only), and ``/_bench/stats``
 (process CPU time and garbage-collector totals, read by the orchestrator around each load phase).
 """
@@ -26,7 +35,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-VARIANTS = ("bare", "otel", "otel+disconnect", "otel+naive")
+VARIANTS = ("bare", "otel", "otel+disconnect", "otel+disconnect+sdkmetrics", "otel+naive")
+ALL_VARIANTS = (*VARIANTS, "disconnect", "disconnect-nocount", "otel+disconnect-nocount")
+# What overhead.py and micro.py run unless told: the sink comparison is instructions.py's.
+DEFAULT_VARIANTS = ("bare", "otel", "otel+disconnect", "otel+naive")
 STREAM_CHUNKS = 10
 WAIT_S = 10.0
 
@@ -78,9 +90,27 @@ async def _chunks() -> AsyncIterator[bytes]:
         yield b'data: {"token": %d}\n\n' % i
 
 
+def _chat_chunk(i: int) -> bytes:
+    # What vLLM's OpenAI server writes for one token (its field order, one event per body chunk).
+    return (
+        b'data: {"id":"chatcmpl-0123456789abcdef","object":"chat.completion.chunk",'
+        b'"created":1764547200,"model":"bench-model","choices":[{"index":0,'
+        b'"delta":{"content":" tok%d"},"logprobs":null,"finish_reason":null}]}\n\n' % i
+    )
+
+
+_CHAT = [_chat_chunk(i) for i in range(STREAM_CHUNKS)]
+
+
+async def _chat_chunks() -> AsyncIterator[bytes]:
+    for chunk in _CHAT:
+        yield chunk
+    yield b"data: [DONE]\n\n"
+
+
 def create_app(variant: str) -> FastAPI:
-    if variant not in VARIANTS:
-        raise ValueError(f"BENCH_VARIANT must be one of {VARIANTS}, got {variant!r}")
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"BENCH_VARIANT must be one of {ALL_VARIANTS}, got {variant!r}")
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/hello")
@@ -93,18 +123,39 @@ def create_app(variant: str) -> FastAPI:
         _handled["requests"] += 1
         return StreamingResponse(_chunks(), media_type="text/event-stream")
 
+    @app.get("/chat")
+    async def chat() -> StreamingResponse:
+        _handled["requests"] += 1
+        return StreamingResponse(_chat_chunks(), media_type="text/event-stream")
+
     @app.get("/_bench/stats")
     async def stats() -> dict[str, Any]:
         return {"cpu_s": time.process_time(), "pid": os.getpid(), **_gc_totals, **_handled}
 
-    if variant != "bare":
+    count_tokens = "off" if variant.endswith("-nocount") else "auto"
+    if variant.startswith("disconnect"):
+        from otel_disconnect import DisconnectMiddleware
+
+        app.add_middleware(DisconnectMiddleware, count_tokens=count_tokens)
+    elif variant != "bare":
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
         FastAPIInstrumentor.instrument_app(app, tracer_provider=_tracer_provider())
-    if variant == "otel+disconnect":
+    if variant.startswith("otel+disconnect"):
         import otel_disconnect
 
-        otel_disconnect.instrument_app(app, metrics_path=None)
+        otel_disconnect.instrument_app(app, metrics_path=None, count_tokens=count_tokens)
+        _detection_routes(app)
+    elif variant == "otel+disconnect+sdkmetrics":
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        import otel_disconnect
+
+        provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        otel_disconnect.instrument_app(
+            app, metrics_path=None, metrics="opentelemetry", meter_provider=provider
+        )
         _detection_routes(app)
     elif variant == "otel+naive":
         from naive import NaiveDisconnectMiddleware

@@ -15,7 +15,10 @@ warm-up, in two processes with a fixed hash seed; the difference of their totals
 - ``in-process``: the app alone, driven by the fake uvicorn-like server of bench/micro.py with the
   garbage collector off after the warm-up: only the ASGI stack, so the ratio is a stricter one.
 
-Usage: ``python bench/instructions.py [--variants ...] [--modes uvicorn in-process]``.
+Usage: ``python bench/instructions.py [--variants ...] [--modes uvicorn in-process]
+[--paths /hello /stream /chat] [--n1 N --n2 M]``. Variants: those of bench/benchapp.py, plus
+``bare`` and ``disconnect`` (the middleware alone, no OpenTelemetry). ``/chat`` streams 10
+OpenAI ``chat.completion.chunk`` events and ``[DONE]``: per chunk added = added per request / 11.
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["otel", "otel+disconnect", "otel+naive"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--paths", nargs="+", default=["/hello", "/stream"])
+    parser.add_argument("--paths", nargs="+", default=["/hello", "/stream", "/chat"],
+                        choices=["/hello", "/stream", "/chat"])
     parser.add_argument("--n1", type=int, default=100)
     parser.add_argument("--n2", type=int, default=400)
     parser.add_argument("--drive", nargs=3, help=argparse.SUPPRESS)

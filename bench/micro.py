@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchapp import VARIANTS, create_app
+from benchapp import DEFAULT_VARIANTS, VARIANTS, create_app
 
 _REQUEST = {"type": "http.request", "body": b"", "more_body": False}
 
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--path", default="/hello")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--profile", choices=VARIANTS)
     args = parser.parse_args()
     os.environ.setdefault("OTEL_SDK_DISABLED", "false")

@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
-from benchapp import VARIANTS
+from benchapp import DEFAULT_VARIANTS, VARIANTS
 from detection import measure as measure_detection
 from procs import HERE, SERVER_KINDS, Server, cpu_sets
 
@@ -258,7 +258,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per server")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES))
     parser.add_argument("--detection-trials", type=int, default=200)
     parser.add_argument("--detection-servers", nargs="+", choices=SERVER_KINDS,

@@ -141,7 +141,11 @@ async def _guarded(
         async for item in agen:
             yield item
         # The stream ran out by itself: completed, unless it stopped because the client left.
-        end = END_APP_BREAK if state is not None and state.disconnected else END_COMPLETED
+        end = (
+            END_APP_BREAK
+            if state is not None and state.detected_perf is not None
+            else END_COMPLETED
+        )
     except (asyncio.CancelledError, GeneratorExit, ClientDisconnected):
         # Cancelled or closed by the framework (or send failed) while the client is gone; a
         # consumer that simply stops reading without a disconnect broke off the stream.
@@ -155,7 +159,7 @@ async def _guarded(
 
 
 def _client_gone(state: RequestState | None) -> bool:
-    return state is None or state.disconnected
+    return state is None or state.detected_perf is not None
 
 
 def _disconnect_error(exc: BaseException) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 
 from prometheus_client import CollectorRegistry
 
@@ -23,6 +24,13 @@ def internal_error(where: str, registry: CollectorRegistry | None = None) -> Non
             first = where not in _logged
             _logged.add(where)
         if first:
-            logger.exception("otel-disconnect internal error in %s (the app is unaffected)", where)
+            # The traceback as text, not exc_info: a handler that keeps records (a test's log
+            # capture, a buffering handler) would otherwise keep the failed request's frames,
+            # and with them its state, scope and span, alive.
+            logger.error(
+                "otel-disconnect internal error in %s (the app is unaffected)\n%s",
+                where,
+                traceback.format_exc().rstrip(),
+            )
     except Exception:  # pragma: no cover - the last line of defence must not raise
         pass

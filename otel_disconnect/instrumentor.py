@@ -18,7 +18,9 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 )
 
 from ._types import ASGIApp
+from .config import OPTION_NAMES, metrics_path_from_env, metrics_path_option
 from .exposition import metrics_app
+from .failsafe import internal_error
 from .middleware import DisconnectMiddleware
 from .package import _instruments
 
@@ -53,7 +55,23 @@ def _has_server_span_middleware(app: Any) -> bool:
     return any(_is_otel_middleware(m.cls) for m in getattr(app, "user_middleware", ()))
 
 
-def _add_otel_middleware(app: Any, tracer_provider: Any) -> None:
+def _tracing_works(tracer_provider: Any, registry: Any) -> bool:
+    """Whether the tracer provider (or the global one) hands out a tracer without raising.
+
+    Start-up never fails because of telemetry: with a provider that raises, the app is served
+    without the server span (and so without span attributes), counted and logged once.
+    """
+    try:
+        from opentelemetry import trace
+
+        trace.get_tracer("otel_disconnect", tracer_provider=tracer_provider)
+        return True
+    except Exception:
+        internal_error("tracer_provider", registry)
+        return False
+
+
+def _add_otel_middleware(app: Any, tracer_provider: Any, meter_provider: Any = None) -> None:
     """The server span: the FastAPI instrumentation when installed, else the plain ASGI one."""
     try:
         import fastapi
@@ -61,11 +79,13 @@ def _add_otel_middleware(app: Any, tracer_provider: Any) -> None:
         if isinstance(app, fastapi.FastAPI):
             from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-            FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider)
+            FastAPIInstrumentor.instrument_app(
+                app, tracer_provider=tracer_provider, meter_provider=meter_provider
+            )
             return
     except ImportError:
         pass
-    _add_asgi_middleware(app, tracer_provider)
+    _add_asgi_middleware(app, tracer_provider, meter_provider)
 
 
 def instrument_app(
@@ -81,6 +101,9 @@ def instrument_app(
     it, a Prometheus route at ``metrics_path`` (None for none), and instruments ``engines``.
     Calling it twice changes nothing.
     """
+    metrics_path = metrics_path_option(metrics_path)
+    options = _exclude_metrics_path(options, metrics_path)
+    DisconnectMiddleware(_noop_app, **options)  # validates options now, not at first request
     engines = list(engines)
     if engines:
         from .db.engine import instrument_engine
@@ -89,24 +112,35 @@ def instrument_app(
             instrument_engine(engine, registry=options.get("registry"))
     if getattr(app, _MARK, False):
         return app
-    options = _exclude_metrics_path(options, metrics_path)
-    DisconnectMiddleware(_noop_app, **options)  # validates options now, not at first request
+    tracer_provider = options.get("tracer_provider")
     if not hasattr(app, "user_middleware"):
-        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-
         wrapped: ASGIApp = DisconnectMiddleware(app, **options)
-        if not _is_otel_middleware(type(app)):
-            wrapped = OpenTelemetryMiddleware(
-                wrapped, tracer_provider=options.get("tracer_provider")
-            )
+        if not _is_otel_middleware(type(app)) and _tracing_works(
+            tracer_provider, options.get("registry")
+        ):
+            from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+            try:
+                wrapped = OpenTelemetryMiddleware(
+                    wrapped,
+                    tracer_provider=tracer_provider,
+                    meter_provider=options.get("meter_provider"),
+                )
+            except Exception:
+                internal_error("tracer_provider", options.get("registry"))
         return wrapped
     if getattr(app, "middleware_stack", None) is not None:
         raise RuntimeError(
             "instrument_app() must be called before the app serves its first request "
             "(Starlette cannot add middleware after start-up)"
         )
-    if not _has_server_span_middleware(app):
-        _add_otel_middleware(app, options.get("tracer_provider"))
+    if not _has_server_span_middleware(app) and _tracing_works(
+        tracer_provider, options.get("registry")
+    ):
+        try:
+            _add_otel_middleware(app, tracer_provider, options.get("meter_provider"))
+        except Exception:
+            internal_error("tracer_provider", options.get("registry"))
     _instrument_starlette(app, options, metrics_path)
     return app
 
@@ -164,9 +198,9 @@ class DisconnectInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if DisconnectInstrumentor._originals:
             return
         # OTEL_DISCONNECT_METRICS_PATH="" serves no metrics route; an app's own route wins.
-        metrics_path = os.environ.get("OTEL_DISCONNECT_METRICS_PATH", "/metrics") or None
+        metrics_path = metrics_path_from_env()
         options = _exclude_metrics_path(
-            {k: v for k, v in kwargs.items() if k in _OPTION_NAMES}, metrics_path
+            {k: v for k, v in kwargs.items() if k in OPTION_NAMES}, metrics_path
         )
         DisconnectMiddleware(_noop_app, **options)  # fail at start-up on a bad option
         for cls in _app_classes():
@@ -190,22 +224,6 @@ class DisconnectInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             auto.uninstall()
         except ImportError:
             pass
-
-
-_OPTION_NAMES = frozenset(
-    (
-        "registry",
-        "tracer_provider",
-        "cancel_on_disconnect",
-        "raise_on_send_after_disconnect",
-        "excluded_urls",
-        "count_tokens",
-        "retry_window_s",
-        "retry_identity",
-        "redis_url",
-        "fleet",
-    )
-)
 
 
 def _app_classes() -> list[Any]:
@@ -233,8 +251,11 @@ def _patched_build(original: Any, options: dict[str, Any], metrics_path: str | N
     def build_middleware_stack(self: Any) -> Any:
         try:
             if not getattr(self, _MARK, False):
-                if not _has_server_span_middleware(self):
-                    _add_asgi_middleware(self, options.get("tracer_provider"))
+                tracer_provider = options.get("tracer_provider")
+                if not _has_server_span_middleware(self) and _tracing_works(
+                    tracer_provider, options.get("registry")
+                ):
+                    _add_asgi_middleware(self, tracer_provider, options.get("meter_provider"))
                 _instrument_starlette(self, options, metrics_path)
         except Exception:
             logger.exception("otel-disconnect could not instrument %r; serving it as is", self)
@@ -243,12 +264,15 @@ def _patched_build(original: Any, options: dict[str, Any], metrics_path: str | N
     return build_middleware_stack
 
 
-def _add_asgi_middleware(app: Any, tracer_provider: Any) -> None:
+def _add_asgi_middleware(app: Any, tracer_provider: Any, meter_provider: Any = None) -> None:
     """The plain ASGI server-span middleware, outermost among the app's middleware (also used at
     build time, when the FastAPI instrumentor can no longer wrap the app)."""
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
     from starlette.middleware import Middleware
 
     app.user_middleware.insert(
-        0, Middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider)
+        0,
+        Middleware(
+            OpenTelemetryMiddleware, tracer_provider=tracer_provider, meter_provider=meter_provider
+        ),
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 
+from . import outcome
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config, options_from
 from .errors import ClientDisconnected
@@ -25,8 +26,8 @@ from .retry import BodyDigest, RetryTracker, client_identity, fingerprint
 from .routes import route_template
 from .state import RequestState, _current
 from .telemetry import spans
-from .telemetry.metrics import metrics_for
 from .telemetry.recorder import Recorder
+from .telemetry.sinks import sink_for
 
 _BODYLESS = frozenset(("GET", "HEAD", "DELETE", "OPTIONS"))
 
@@ -41,7 +42,7 @@ class DisconnectMiddleware:
     def __init__(self, app: ASGIApp, **options: Any) -> None:
         self.app = app
         self.config: Config = options_from(options)
-        self.recorder = Recorder(metrics_for(self.config.registry))
+        self.recorder = Recorder(self._sink())
         # Shared by this middleware's requests: digests of recently disconnected requests.
         self.retries = RetryTracker(self.config.retry_window_s)
         self.fleet: Any = None  # with redis_url: the fleet channel, started on the first request
@@ -60,6 +61,15 @@ class DisconnectMiddleware:
             except Exception:
                 internal_error("instrument_upstreams", self.config.registry)
 
+    def _sink(self) -> Any:
+        """The metrics sink the options ask for; prometheus-client when the MeterProvider fails."""
+        c = self.config
+        try:
+            return sink_for(c.metrics, c.registry, c.meter_provider)
+        except Exception:
+            internal_error("meter_provider", c.registry)
+            return sink_for("prometheus", c.registry, None)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fleet is not None:
             # Background tasks on this loop, no I/O here; at lifespan start-up when the server
@@ -68,24 +78,32 @@ class DisconnectMiddleware:
                 self.fleet.ensure_started()
             except Exception:
                 internal_error("fleet_start", self.config.registry)
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        excluded = self.config.excluded_urls
-        if excluded is not None and excluded.search(scope.get("path", "")):
+        if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
         try:
-            cycle = _Cycle(self, scope, receive, send)
+            path = scope.get("path", "")
+            if type(path) is not str or type(scope.get("method", "GET")) is not str:
+                # A scope this middleware cannot read is passed through unobserved.
+                raise TypeError(f"unexpected scope: path {path!r}, method {scope.get('method')!r}")
+            excluded = self.config.excluded_urls
+            if excluded is not None and excluded.search(path):
+                cycle = None
+            else:
+                cycle = _Cycle(self, scope, receive, send)
         except _NotAsyncio:
             _warn_not_asyncio()
-            await self.app(scope, receive, send)
-            return
+            cycle = None
         except Exception:
             internal_error("request_start", self.config.registry)
+            cycle = None
+        if cycle is None:
             await self.app(scope, receive, send)
             return
-        # _Cycle.run(), inlined: one coroutine fewer per request.
+        # _Cycle.run(), inlined: one coroutine fewer per request. All of the request's accounting
+        # hangs on the one ``finally``: whatever raised inside otel-disconnect, or in the app,
+        # cycle.ended() releases the in-flight gauges and the request's state.
+        failure: str | None = None
         token = _current.set(cycle.state)
         try:
             if self.config.cancel_on_disconnect is False:
@@ -97,14 +115,13 @@ class DisconnectMiddleware:
                     cycle.state.arm_cancel(cancel_scope.cancel)
                     await self.app(scope, cycle.receive, cycle.send)
         except asyncio.CancelledError:
-            cycle.ended("cancelled")
+            failure = "cancelled"
             raise
         except BaseException as exc:
-            cycle.ended(_failure_kind(exc))
+            failure = _failure_kind(exc)
             raise
-        else:
-            cycle.ended(None)
         finally:
+            cycle.ended(failure)
             _current.reset(token)
 
 
@@ -123,6 +140,7 @@ class _Cycle:
         "pump",
         "receive_upstream",
         "recorder",
+        "released",
         "remembered",
         "retries",
         "retry_checked",
@@ -132,6 +150,7 @@ class _Cycle:
         "tokens",
         "trailers",
         "watch_handle",
+        "zombie",
     )
 
     def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send):
@@ -153,6 +172,8 @@ class _Cycle:
         self.tokens: Observer | None = None  # an OpenAI-compatible response body's counter
         self.pump: ReceivePump | None = None
         self.watch_handle: asyncio.Handle | None = None
+        self.zombie = False  # counted in the "disconnected" in-flight series
+        self.released = False  # the request's bookkeeping is over (release() ran)
         state = self.state = RequestState(scope, spans.current_span())
         if scope.get("method") in _BODYLESS or not _expects_continue(scope):
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
@@ -165,7 +186,13 @@ class _Cycle:
             self.watch_handle = loop.call_soon(
                 self.watch, context=contextvars.Context()
             )
-        self.recorder.metrics.in_flight.arrived(state)
+        try:
+            self.recorder.metrics.in_flight.arrived(state)
+        except BaseException:
+            # The request then passes through unobserved: nothing may read ahead of the app.
+            if self.watch_handle is not None:
+                self.watch_handle.cancel()
+            raise
 
     # -- the app's receive and the read-ahead ----------------------------------------------------
 
@@ -174,43 +201,78 @@ class _Cycle:
         wrapper adds no coroutine of its own to each message."""
         pump = self.pump
         if pump is None:
-            pump = self.new_pump()
+            try:
+                pump = self.new_pump()
+            except Exception:
+                internal_error("read_ahead", self.config.registry)
+                return self.receive_observed()
         return pump.receive()
+
+    async def receive_observed(self) -> Message:
+        """The server's receive, watched but not read ahead (the read-ahead could not start)."""
+        message = await self.receive_upstream()
+        self.observe(message)
+        return message
 
     def watch(self) -> None:
         """The loop's next turn after the request started: read ahead if it is still running."""
         self.watch_handle = None
-        state = self.state
-        if state.response_complete or state.ended:
-            return
-        (self.pump or self.new_pump()).watch()
+        try:
+            state = self.state
+            if state.response_complete or state.ended:
+                return
+            (self.pump or self.new_pump()).watch()
+        except Exception:
+            # A callback of the event loop: nothing above us would count it.
+            internal_error("read_ahead", self.config.registry)
 
     def new_pump(self) -> ReceivePump:
-        pump = self.pump = ReceivePump(self.receive_upstream, self.observe)
+        pump = self.pump = ReceivePump(self.receive_upstream, self.observe, self.read_ahead_failed)
         if self.state.response_complete:
             pump.close()  # the app reads after its response: nothing left to watch for
         return pump
 
+    def read_ahead_failed(self) -> None:
+        internal_error("read_ahead", self.config.registry)
+
     # -- detection -----------------------------------------------------------------------------
 
     def observe(self, message: Message) -> None:
-        """Every message read from the server, by the app or by the read-ahead, passes here."""
-        kind = message.get("type")
-        if kind == "http.request":
-            body = message.get("body")
-            if body and self.retries.enabled:
-                if self.body_digest is None:
-                    self.body_digest = BodyDigest()
-                self.body_digest.update(body)
-            if not message.get("more_body", False):
-                self.state.body_complete = True
-        elif kind == "http.disconnect":
-            self.detect("receive")
+        """Every message read from the server, by the app or by the read-ahead, passes here.
+
+        It never raises: the message is the server's, and reaches the app whatever fails here.
+        """
+        try:
+            kind = message.get("type")
+            if kind == "http.request":
+                body = message.get("body")
+                if body and self.retries.enabled:
+                    if self.body_digest is None:
+                        self.body_digest = BodyDigest()
+                    self.body_digest.update(body)
+                if not message.get("more_body", False):
+                    self.state.body_complete = True
+            elif kind == "http.disconnect":
+                self.detect("receive")
+        except Exception:
+            internal_error("receive", self.config.registry)
 
     def detect(self, detected_by: str) -> None:
+        """Mark a premature disconnect. Never raises; each step is isolated from the next."""
         state = self.state
-        if not state.mark_disconnected(detected_by):
+        if self.released:
+            return  # a read that finished after the request's end (its read-ahead failed to close)
+        try:
+            if not state.mark_disconnected(detected_by):
+                return
+        except Exception:
+            internal_error("detection", self.config.registry)
             return
+        try:
+            self.recorder.metrics.in_flight.disconnected(state)
+            self.zombie = True
+        except Exception:
+            internal_error("detection", self.config.registry)
         try:
             self.recorder.disconnect(state)
         except Exception:
@@ -276,7 +338,10 @@ class _Cycle:
         if final:
             state.response_complete = True
             if self.pump is not None:
-                self.pump.close()
+                try:
+                    self.pump.close()
+                except Exception:
+                    internal_error("send", self.config.registry)
 
     def write_span_now(self) -> None:
         try:
@@ -289,12 +354,10 @@ class _Cycle:
             state = self.state
             state.sends_dropped += 1
             state.bytes_dropped += len(message.get("body") or b"")
+            if message["type"] == "http.response.start":
+                state.status = message.get("status")  # a 499 placeholder says "cancelled"
             if final:
-                # A stream that was already running and now only closes, with no byte after the
-                # disconnect, was cut short (BaseHTTPMiddleware closes a cancelled stream so);
-                # anything else the app finished for nobody.
-                cut_short = state.phase == "streaming" and not state.bytes_dropped
-                state.set_outcome("cancelled" if cut_short else "completed")
+                state.set_outcome(outcome.decide(state, None, final_sent=True))
                 # The OpenTelemetry ASGI middleware ends the server span right after this
                 # message: write the attributes now.
                 self.recorder.write_span(state, time.perf_counter())
@@ -344,55 +407,73 @@ class _Cycle:
     # -- the end -------------------------------------------------------------------------------
 
     def ended(self, failure: str | None) -> None:
-        """The app task ended: returned (None), was cancelled, or raised (see _failure_kind)."""
+        """The app task ended: returned (None), was cancelled, or raised (see _failure_kind).
+
+        Never raises. Whatever fails in the recording, ``release()`` runs: the in-flight gauges
+        return to their true value and nothing keeps the request's state.
+        """
         try:
-            state = self.state
-            state.ended = True
-            handle = self.watch_handle
-            if handle is not None:
-                # The scheduled watch holds this request (its span, scope, send) until the loop's
-                # next turn; under concurrency that outlives a garbage-collector generation and
-                # doubles the collections. Cancelling drops the reference now.
-                self.watch_handle = None
-                handle.cancel()
-            if (
-                failure is None
-                and state.detected_perf is None
-                and state.response_complete
-                and not state.extras
-                and not self.retries.entries
-            ):
-                # The common case, kept to a few calls: nothing happened worth a span attribute.
-                # (The read-ahead was closed when the final body was sent; a read still running
-                # in a Task is cancelled now.)
-                if self.pump is not None and self.pump.pending:
-                    self.pump.end()
-                metrics = self.recorder.metrics
-                metrics.count_request(route_template(self.scope), state.method)
-                metrics.in_flight.left(state)
-                return
-            if self.pump is not None:
-                self.pump.end()
-            if failure == "cancelled" and not state.response_complete:
-                # Cancelled by the server or framework with nothing else telling us why.
-                self.detect("cancelled")
-            if state.detected_perf is not None:
-                if failure == "disconnect_error":
-                    state.set_outcome("cancelled")
-                elif failure is not None:
-                    state.set_outcome(failure)
-                elif not state.response_complete:
-                    # The framework cut the stream short and returned.
-                    state.set_outcome("cancelled")
-                else:
-                    state.set_outcome("completed")
-            if self.retries.entries:
-                self.check_retry(again=self.retries.publish is not None)
-            if state.detected_perf is not None and self.retries.enabled:
-                self.remember_disconnect()
-            self.recorder.end(state)
+            self.record_end(failure)
         except Exception:
             internal_error("request_end", self.config.registry)
+        finally:
+            self.release()
+
+    def record_end(self, failure: str | None) -> None:
+        state = self.state
+        state.ended = True
+        if (
+            failure is None
+            and state.detected_perf is None
+            and state.response_complete
+            and not state.extras
+            and not self.retries.entries
+        ):
+            # The common case, kept to a few calls: nothing happened worth a span attribute.
+            # (The read-ahead was closed when the final body was sent.)
+            self.recorder.metrics.count_request(route_template(self.scope), state.method)
+            return
+        if self.pump is not None:
+            self.pump.end()
+        if failure == "cancelled" and not state.response_complete:
+            # Cancelled by the server or framework with nothing else telling us why.
+            self.detect("cancelled")
+        if state.detected_perf is not None:
+            state.set_outcome(outcome.decide(state, failure, state.response_complete))
+        if self.retries.entries:
+            self.check_retry(again=self.retries.publish is not None)
+        if state.detected_perf is not None and self.retries.enabled:
+            self.remember_disconnect()
+        self.recorder.end(state)
+
+    def release(self) -> None:
+        """The end of the request's bookkeeping: runs once, whatever happened before it."""
+        state = self.state
+        state.ended = True
+        self.released = True
+        handle = self.watch_handle
+        if handle is not None:
+            # The scheduled watch holds this request (its span, scope, send) until the loop's
+            # next turn; under concurrency that outlives a garbage-collector generation and
+            # doubles the collections. Cancelling drops the reference now.
+            self.watch_handle = None
+            handle.cancel()
+        try:
+            in_flight = self.recorder.metrics.in_flight
+            if self.zombie:
+                in_flight.zombie_ended(state)
+            else:
+                in_flight.left(state)
+        except Exception:  # multi-process gauges write to files; nothing else here can fail
+            internal_error("request_end", self.config.registry)
+        pump = self.pump
+        if pump is not None:
+            try:
+                # Idempotent; usually closed when the final body was sent: ending it also
+                # cancels a read still running in a Task (nobody will read it now).
+                pump.end()
+            except Exception:
+                internal_error("request_end", self.config.registry)
 
 
 class _NotAsyncio(Exception):

@@ -86,14 +86,23 @@ class ReceivePump:
         "_future",
         "_iter",
         "_observe",
+        "_on_error",
         "_raw",
         "_reading",
         "_task",
         "_waiters",
     )
 
-    def __init__(self, receive: Receive, observe: Callable[[Message], None]) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        observe: Callable[[Message], None],
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
         self._app_receive = receive
+        # Called from an ``except`` block when the read-ahead itself fails (never the server's
+        # receive, whose errors go to the app); reading then falls back to the app's own calls.
+        self._on_error = on_error or _no_error_hook
         self._raw = _unwrap(receive)
         self._direct = _drivable(self._raw)
         self._observe = observe
@@ -176,7 +185,18 @@ class ReceivePump:
             return
         if message is not None:
             self._accept(message)
+            self._resume()
+
+    def _resume(self) -> None:
+        """Read ahead again from inside the pump (a callback, or the app's receive()).
+
+        A failure here is the read-ahead's own: it stops reading ahead (the app's next
+        ``receive()`` reads from the server itself) and never loses the message in hand.
+        """
+        try:
             self.watch()
+        except Exception:
+            self._on_error()
 
     def _task_done(self, task: asyncio.Task[Message]) -> None:
         if task is not self._task:
@@ -190,7 +210,7 @@ class ReceivePump:
             self._fail(exc)
             return
         self._accept(task.result())
-        self.watch()
+        self._resume()
 
     def _accept(self, message: Message) -> None:
         self._observe(message)
@@ -221,7 +241,7 @@ class ReceivePump:
             if self._buffer:
                 message = self._buffer.popleft()
                 self._buffered -= len(message.get("body") or b"")
-                self.watch()  # resumes a read-ahead paused at the buffer limit
+                self._resume()  # resumes a read-ahead paused at the buffer limit
                 return message
             if self._disconnect is not None:
                 return dict(self._disconnect)
@@ -252,7 +272,7 @@ class ReceivePump:
             if message.get("type") == _DISCONNECT:
                 self._disconnect = message
             else:
-                self.watch()
+                self._resume()
             return message
 
     def close(self) -> None:
@@ -277,6 +297,7 @@ class ReceivePump:
         # observe is the request's bound method, and the request holds this pump: drop the
         # reference so the pair is freed by reference counting, not by a GC pass.
         self._observe = _ignore
+        self._on_error = _no_error_hook
 
     def end(self) -> None:
         """The app returned: cancel a read still running in a Task (nobody will read it)."""
@@ -340,6 +361,10 @@ def _only_if_ready() -> bool:
 
 
 def _ignore(message: Message) -> None:
+    return None
+
+
+def _no_error_hook() -> None:
     return None
 
 

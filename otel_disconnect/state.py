@@ -18,7 +18,10 @@ PHASE_REQUEST_BODY = "request_body"
 PHASE_BEFORE_RESPONSE = "before_response"
 PHASE_STREAMING = "streaming"
 
-DisconnectListener = Callable[["RequestState"], None]
+# Reasons in RequestState.work_stopped.
+STOPPED_APP_SAW_DISCONNECT = "app_saw_disconnect"
+STOPPED_ENGINE_ABORT = "engine_abort"
+STOPPED_UPSTREAM_CLOSED = "upstream_closed"
 
 
 class RequestState:
@@ -30,7 +33,6 @@ class RequestState:
         "_detected_by",
         "_disconnected_at",
         "_event",
-        "_listeners",
         "_outcome",
         "_phase_at_disconnect",
         "_protected",
@@ -51,7 +53,9 @@ class RequestState:
         "span",
         "span_written",
         "start_perf",
+        "status",
         "stream_end",
+        "work_stopped",
     )
 
     def __init__(self, scope: Scope, span: Any = None) -> None:
@@ -71,6 +75,10 @@ class RequestState:
         self.protected_section: str | None = None
         self.stream_end: str | None = None
         self.retry_of_disconnected = False
+        # The status of a response started after the disconnect (the outcome rule reads it).
+        self.status: int | None = None
+        # Why the request's work is known to have stopped early (see otel_disconnect.outcome).
+        self.work_stopped: str | None = None
         # Token and database accounting hang their per-request objects here, keyed by module.
         self.extras: dict[str, Any] | None = None
         # The Metrics of the middleware that saw this request, for counts that arrive after it
@@ -81,7 +89,6 @@ class RequestState:
         self._outcome: str | None = None
         self._phase_at_disconnect: str | None = None
         self._event: asyncio.Event | None = None
-        self._listeners: list[DisconnectListener] | None = None
         self._protected: list[str] | None = None
         self._cancel: Callable[[], None] | None = None
         self._cancel_deferred = False
@@ -90,8 +97,19 @@ class RequestState:
 
     @property
     def disconnected(self) -> bool:
-        """True once the client left before the final response body was sent."""
-        return self._disconnected_at is not None
+        """True once the client left before the final response body was sent.
+
+        An app that reads True here before it starts its response has seen the disconnect:
+        whatever it sends next is taken as its reaction to it (outcome ``cancelled``). A stream
+        that reads it and goes on (to count what it sends for nobody, say) is judged by what it
+        sends. The package's own code reads ``detected_perf`` instead, so that only the app's
+        look counts.
+        """
+        if self._disconnected_at is None:
+            return False
+        if self.work_stopped is None and not self.response_started:
+            self.work_stopped = STOPPED_APP_SAW_DISCONNECT
+        return True
 
     @property
     def disconnected_at(self) -> float | None:
@@ -133,8 +151,9 @@ class RequestState:
         await self._event.wait()
 
     def __repr__(self) -> str:
+        gone = self._disconnected_at is not None  # not the property: reading it marks "seen"
         return (
-            f"<RequestState {self.method} route={self.route!r} disconnected={self.disconnected}"
+            f"<RequestState {self.method} route={self.route!r} disconnected={gone}"
             f" phase={self.phase!r} detected_by={self._detected_by!r} outcome={self._outcome!r}>"
         )
 
@@ -184,26 +203,15 @@ class RequestState:
             return True
         return False
 
-    @property
-    def active_protected_section(self) -> str | None:
-        return self._protected[-1] if self._protected else None
-
     def set_outcome(self, outcome: str) -> None:
         if self._outcome is None:
             self._outcome = outcome
 
-    def add_disconnect_listener(self, listener: DisconnectListener) -> None:
-        """Call ``listener(state)`` at detection (database hooks snapshot transactions there)."""
-        if self._listeners is None:
-            self._listeners = []
-        self._listeners.append(listener)
-
-    def remove_disconnect_listener(self, listener: DisconnectListener) -> None:
-        if self._listeners and listener in self._listeners:
-            self._listeners.remove(listener)
-
-    def disconnect_listeners(self) -> list[DisconnectListener]:
-        return list(self._listeners) if self._listeners else []
+    def note_work_stopped(self, why: str) -> None:
+        """A token source or hook saw this request's work stop early (engine abort, upstream
+        stream closed before its end); the first reason is kept."""
+        if self.work_stopped is None:
+            self.work_stopped = why
 
     def extra(self, key: str, factory: Callable[[], Any]) -> Any:
         """The integration object stored under ``key``, created by ``factory`` on first use."""
@@ -215,6 +223,9 @@ class RequestState:
         return found
 
 
+_BODYLESS_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
+
+
 def _declares_body(scope: Scope) -> bool:
     """Whether the request has a body still to arrive (a GET usually has none to wait for)."""
     for name, value in scope.get("headers") or ():
@@ -223,7 +234,9 @@ def _declares_body(scope: Scope) -> bool:
             return True
         if lname == b"content-length":
             return value.strip() not in (b"0", b"")
-    return False
+    # HTTP/2 and HTTP/3 frame a body without either header (Content-Length is optional there
+    # and Transfer-Encoding is forbidden): a POST's body is pending until the server says so.
+    return scope.get("http_version") in ("2", "3") and scope.get("method") not in _BODYLESS_METHODS
 
 
 _current: ContextVar[RequestState | None] = ContextVar("otel_disconnect_request", default=None)

@@ -79,12 +79,15 @@ def build_app(
         return {"slept": seconds}
 
     @app.post("/upload")
-    async def upload(request: Request) -> dict[str, int]:
+    async def upload(request: Request, work: float = 0.0) -> dict[str, int]:
         signals.set("upload.started")
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             signals.set("upload.bytes", size)
+        if work:  # then work before answering, as an LLM endpoint waits for its first token
+            await asyncio.sleep(work)
+            signals.set("upload.finished")
         return {"size": size}
 
     @app.get("/stream")

@@ -19,7 +19,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,12 +41,12 @@ class Stream:
 
 
 @dataclass(frozen=True)
-class TestCertificate:
+class Certificate:
     certfile: Path
     keyfile: Path
 
 
-def make_test_certificate(directory: Path) -> TestCertificate:
+def make_test_certificate(directory: Path) -> Certificate:
     """A self-signed certificate for 127.0.0.1 (and localhost), valid for one day."""
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -78,7 +78,7 @@ def make_test_certificate(directory: Path) -> TestCertificate:
         check=True,
         capture_output=True,
     )
-    return TestCertificate(cert, key)
+    return Certificate(cert, key)
 
 
 class H2Client:
@@ -88,7 +88,7 @@ class H2Client:
         self,
         port: int,
         *,
-        certificate: TestCertificate | None = None,
+        certificate: Certificate | None = None,
         authority: str | None = None,
         timeout: float = 10.0,
     ) -> None:
@@ -182,18 +182,25 @@ class H2Client:
             self.conn.send_data(stream_id, data, end_stream=end_stream)
             self._flush()
 
-    def reset(self, stream_id: int, error_code: ErrorCodes = ErrorCodes.CANCEL) -> None:
-        """RST_STREAM on one stream; the connection and its other streams stay open."""
+    def reset(self, stream_id: int, error_code: ErrorCodes = ErrorCodes.CANCEL) -> bytes:
+        """RST_STREAM on one stream; the connection and its other streams stay open.
+
+        Returns the body received on that stream up to the reset (nothing arrives after it).
+        """
         with self._cond:
+            received = self.streams[stream_id].body
             self.conn.reset_stream(stream_id, error_code)
             self._flush()
+        return received
 
-    def goaway(self, error_code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
-        """Send GOAWAY and then close the connection, as a client that shuts down does."""
+    def goaway(self, error_code: ErrorCodes = ErrorCodes.NO_ERROR, *, close: bool = True) -> None:
+        """Send GOAWAY; then close the connection (``close=True``), as a client that shuts down
+        does, or leave it to the server (``close=False``)."""
         with self._cond:
             self.conn.close_connection(error_code)
             self._flush()
-        self.close()
+        if close:
+            self.close()
 
     def close(self) -> None:
         """Close the TCP connection (every open stream with it)."""
@@ -286,9 +293,8 @@ class H2Client:
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.goaway_received = event
 
-    def wait(self, predicate: object, timeout: float = 10.0) -> None:
+    def wait(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
         """Wait until ``predicate()`` holds (checked under the lock whenever frames arrive)."""
-        assert callable(predicate)
         deadline = time.monotonic() + timeout
         with self._cond:
             while not predicate():
@@ -322,7 +328,7 @@ class H2Client:
 
 
 @contextlib.contextmanager
-def h2_connection(port: int, *, certificate: TestCertificate | None = None) -> Iterator[H2Client]:
+def h2_connection(port: int, *, certificate: Certificate | None = None) -> Iterator[H2Client]:
     client = H2Client(port, certificate=certificate)
     try:
         yield client

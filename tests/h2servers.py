@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import IN_CI
-from tests.h2client import TestCertificate
+from tests.h2client import Certificate
 from tests.servers import ServerThread
 
 H2_SERVERS = ("hypercorn", "granian", "uvicorn-zttp")
@@ -39,7 +39,7 @@ def skip_unless_available(kind: str) -> None:
 
 
 class H2ServerThread(ServerThread):
-    def __init__(self, app: Any, kind: str, certificate: TestCertificate | None) -> None:
+    def __init__(self, app: Any, kind: str, certificate: Certificate | None) -> None:
         super().__init__(app, kind)
         self.certificate = certificate
 
@@ -105,7 +105,7 @@ class H2ServerThread(ServerThread):
 
 @contextlib.contextmanager
 def serve_h2(
-    app: Any, kind: str, certificate: TestCertificate | None = None
+    app: Any, kind: str, certificate: Certificate | None = None
 ) -> Iterator[H2ServerThread]:
     skip_unless_available(kind)
     server = H2ServerThread(app, kind, certificate)

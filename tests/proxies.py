@@ -95,7 +95,7 @@ def _nginx_config(port: int, upstream: int, directives: Sequence[str], workdir: 
 worker_processes 1;
 daemon off;
 pid {workdir}/nginx.pid;
-error_log {workdir}/proxy.log warn;
+error_log {workdir}/proxy.log info;
 events {{ worker_connections 256; }}
 http {{
     access_log off;

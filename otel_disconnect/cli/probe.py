@@ -72,13 +72,22 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(str(exc))
     print(report.text())
+    if report.proxy:
+        print(f"{PROG}: responses came through {report.proxy} (its Server/Via header)")
+    for line in report.advice():
+        print(f"{PROG}: look at {line}")
     if report.caused == 0:
         return fail("the service answered every request before the probe hung up: try a "
                     "slower endpoint, --path, or a smaller --delay", code=1)
     if not report.ok:
-        missing = report.caused - report.detected
-        return fail(f"{missing} of {report.caused} disconnects went undetected: a reverse proxy "
-                    "may be hiding client aborts (nginx: proxy_ignore_client_abort off; buffering "
-                    "proxies see the client leave but keep the upstream connection)", code=1)
-    print(f"{PROG}: every disconnect was detected ({report.detected} of {report.caused})")
+        where = f"{report.proxy} " if report.proxy else "a reverse proxy "
+        return fail(f"{report.undetected} of {report.caused} disconnects went undetected: "
+                    f"{where}may be holding on to the upstream request after the client left "
+                    "(see the advice above and the README's proxy table)", code=1)
+    held = report.caused - report.detected
+    if held:
+        print(f"{PROG}: every disconnect that reached the service was detected "
+              f"({report.detected}; {held} never reached it)")
+    else:
+        print(f"{PROG}: every disconnect was detected ({report.detected} of {report.caused})")
     return 0

@@ -160,7 +160,7 @@ class DbRequest:
         return [c for c in list(self.held) if not c.checked_in]
 
     def span_attributes(self, state: RequestState) -> dict[str, Any]:
-        if not state.disconnected:
+        if state.detected_perf is None:
             return {}
         attributes: dict[str, Any] = {
             spans.DB_TRANSACTION_STATE: self.interrupted_state or NONE,
@@ -182,7 +182,7 @@ class DbRequest:
             for conn in self.left_open():
                 if conn.effective_state() != NONE:
                     fleet.claim(conn, "ended", state)
-        if not state.disconnected:
+        if state.detected_perf is None:
             return
         left = self.left_open()
         for conn in left:

@@ -23,9 +23,11 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from ..failsafe import internal_error
 from ..telemetry import spans
 from ..telemetry.metrics import PREFIX
 from . import checkouts
+from .libpq_url import conninfo
 
 logger = logging.getLogger("otel_disconnect.pg")
 
@@ -54,9 +56,7 @@ def _dsn_of(dsn_or_engine: Any) -> str:
     url = getattr(dsn_or_engine, "url", None)
     if url is None:
         raise TypeError("PgActivityCollector needs a libpq DSN or a SQLAlchemy engine")
-    # The engine's driver (asyncpg, psycopg) and its query options are not libpq's.
-    url = url.set(drivername="postgresql", query={})
-    return str(url.render_as_string(hide_password=False))
+    return conninfo(url)
 
 
 def _trace_id(span: Any) -> str:
@@ -73,6 +73,8 @@ class PgActivityCollector:
     ``PgActivityCollector("host=db user=monitor dbname=app")`` or ``PgActivityCollector(engine)``
     (it opens its own connection from the engine's URL). ``registry=None`` skips registering.
     ``orphans=False`` leaves out the orphan series (a standalone exporter has no pool to ask).
+    ``meter_provider=`` also (with ``registry=None``: only) reports the same series as
+    OpenTelemetry observable gauges of that provider, one query per collection.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class PgActivityCollector:
         application_name: str = "otel-disconnect",
         orphans: bool = True,
         claims: Any = None,
+        meter_provider: Any = None,
     ) -> None:
         if statement_timeout_s <= 0 or connect_timeout_s <= 0:
             raise ValueError("statement_timeout_s and connect_timeout_s must be positive")
@@ -101,8 +104,47 @@ class PgActivityCollector:
         self._conn: Any = None
         self._lock = threading.Lock()
         self._reported: set[tuple[int, int, str]] = set()
+        self._snapshot: dict[str, list[tuple[float, dict[str, str]]]] = {}
         if registry is not None:
             registry.register(self)
+        if meter_provider is not None:
+            self._observe_with(meter_provider)
+
+    # -- the OpenTelemetry path ----------------------------------------------------------------
+
+    def _observe_with(self, meter_provider: Any) -> None:
+        """One observable gauge per family. The SDK calls an observable instrument's callbacks
+        in the order the instruments were made, so the first family's callback runs the query
+        and the others read what it found: one query per collection, as per scrape."""
+        from ..telemetry.otel_metrics import METER_NAME
+        from ..version import __version__
+
+        meter = meter_provider.get_meter(METER_NAME, __version__)
+        for index, family in enumerate(self._families()):
+            unit = "s" if family.name.endswith("_seconds") else ""
+            meter.create_observable_gauge(
+                family.name,
+                callbacks=[self._callback(family.name, refresh=index == 0)],
+                unit=unit,
+                description=family.documentation,
+            )
+
+    def _callback(self, name: str, refresh: bool) -> Any:
+        from opentelemetry.metrics import Observation
+
+        def observe(options: Any) -> list[Observation]:
+            try:
+                if refresh or not self._snapshot:
+                    self._snapshot = {
+                        family.name: [(s.value, dict(s.labels)) for s in family.samples]
+                        for family in self.collect()
+                    }
+                return [Observation(v, labels) for v, labels in self._snapshot.get(name, ())]
+            except Exception:
+                internal_error("pg_activity")
+                return []
+
+        return observe
 
     # -- the connection ------------------------------------------------------------------------
 
@@ -230,7 +272,7 @@ class PgActivityCollector:
                 continue
             if owner_state.ended:
                 owner = "ended"
-            elif owner_state.disconnected:
+            elif owner_state.detected_perf is not None:
                 owner = "disconnected"
             else:
                 continue

@@ -72,13 +72,18 @@ def _prepare_for_system_user(directory: Path) -> None:
 class EmbeddedPostgres:
     """``start()``, ``stop()``, ``start()`` again: same data, same port."""
 
-    def __init__(self, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, settings: dict[str, str] | None = None, *, tcp: bool = True) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="otel-disconnect-pg-"))
         self.pgdata = self.base / "data"
         self.port = free_port()
         self.settings = {"max_connections": "100", "fsync": "off", **(settings or {})}
         self.user = SYSTEM_USER if _as_root() else None
+        self.tcp = tcp  # False: a Unix socket in ``socket_dir`` only, as many hosts run it
         self._initialised = False
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.base
 
     def url(self, driver: str = "postgresql", database: str = "postgres") -> str:
         return f"{driver}://postgres@127.0.0.1:{self.port}/{database}"
@@ -112,7 +117,8 @@ class EmbeddedPostgres:
                 "-U", "postgres", "--no-sync",
             )
             self._initialised = True
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.base}"
+        listen = "127.0.0.1" if self.tcp else "''"  # pg_ctl hands the options to a shell
+        options = f"-h {listen} -p {self.port} -k {self.base}"
         options += "".join(f" -c {k}={v}" for k, v in self.settings.items())
         self._run(
             _bin("pg_ctl"), "-D", self.pgdata, "-w", "-t", "60", "-l", self.base / "log",

@@ -9,5 +9,7 @@ __all__ = ["instrument_upstreams", "record_tokens"]
 def instrument_upstreams() -> bool:
     """Count upstream OpenAI-compatible responses read with httpx; False without httpx."""
     from .httpx_upstream import instrument_httpx
+    from .vllm_engine import instrument_vllm_engine
 
+    instrument_vllm_engine()  # inside vLLM's API server: count the engine's tokens
     return instrument_httpx()

@@ -4,6 +4,7 @@ One account per request, in ``state.extras``, created by the first token a sourc
 never double count: the span and the metrics report one source, the first that counted anything
 in this order (documented in the README):
 
+0. ``engine``: vLLM's engine, inside its API server (``llm.vllm_engine``): exact;
 1. ``explicit``: ``record_tokens()``;
 2. ``upstream``: OpenAI-compatible responses read with httpx inside the request;
 3. ``response``: the OpenAI-compatible body the app itself sends.
@@ -17,7 +18,10 @@ else every token counted before detection is taken as delivered.
 Where only a total is known (``usage`` without per-chunk counts) the split is estimated pro rata
 by time over the generation window (request or upstream call start → usage seen), and the span
 says ``disconnect.tokens_estimated = true``; where chunk counts and ``usage`` disagree the usage
-total wins and the chunk split is scaled to it (also estimated).
+total wins and the chunk split is scaled to it (also estimated). A count of SSE chunks with no
+usage figure to confirm it is itself a guess (a chunk may carry several tokens: vLLM under
+speculative decoding or when it merges deltas), so it is estimated too, also without a
+disconnect; a usage figure equal to the chunk count confirms it.
 
 Tokens counted after the request ended (a producer task, an upstream stream still open) reach
 the metrics directly, never the ended span.
@@ -36,11 +40,15 @@ from ..state import RequestState
 from ..telemetry import spans
 from ..telemetry.metrics import Metrics, metrics_for
 
+ENGINE = "engine"
 EXPLICIT = "explicit"
 UPSTREAM = "upstream"
 RESPONSE = "response"
-PRECEDENCE = (EXPLICIT, UPSTREAM, RESPONSE)
+PRECEDENCE = (ENGINE, EXPLICIT, UPSTREAM, RESPONSE)
 KEY = "otel_disconnect.llm.tokens"
+# Set in state.extras as soon as an engine source sees the request: the response and upstream
+# observers then skip parsing (the engine's count is exact).
+ENGINE_KEY = "otel_disconnect.llm.engine"
 
 # Upstream streams still open when the request ended (not in SPEC section 5; a gateway's leak).
 UPSTREAM_OPEN_AT_END = "disconnect.llm.upstream_streams_open"
@@ -63,9 +71,18 @@ def _fraction_after(start: float, end: float, detected: float) -> float:
 class Segment:
     """One counted stream of tokens: a response body, one upstream call, or record_tokens()."""
 
-    __slots__ = ("after", "counted", "delivered", "usage_total", "window_end", "window_start")
+    __slots__ = (
+        "after",
+        "by_chunks",
+        "counted",
+        "delivered",
+        "usage_total",
+        "window_end",
+        "window_start",
+    )
 
     def __init__(self, window_start: float) -> None:
+        self.by_chunks = False  # counted one token per SSE chunk output (a guess without usage)
         self.counted = 0
         self.after = 0
         self.delivered = 0
@@ -77,7 +94,9 @@ class Segment:
         """(total, after, delivered, estimated) of this segment."""
         total, after, delivered = self.counted, self.after, self.delivered
         usage = self.usage_total
-        if usage is None or usage == total:
+        if usage is None:
+            return total, after, delivered, self.by_chunks
+        if usage == total:
             return total, after, delivered, False
         if total:
             after = round(after * usage / total)
@@ -97,8 +116,14 @@ class Tally:
     __slots__ = ("folded", "open")
 
     def __init__(self) -> None:
-        self.folded = [0, 0, 0, False]  # total, after, delivered, estimated
+        self.folded = [0, 0, 0, False, False]  # total, after, delivered, estimated, guessed
         self.open: list[Segment] = []
+
+    def guessed(self) -> bool:
+        """Whether the total rests on chunk counts that no usage figure confirmed."""
+        if self.folded[4]:
+            return True
+        return any(s.by_chunks and s.usage_total is None for s in self.open)
 
     def has_tokens(self) -> bool:
         if self.folded[0]:
@@ -117,6 +142,7 @@ class Tally:
         folded[1] += after
         folded[2] += delivered
         folded[3] = bool(folded[3]) or estimated
+        folded[4] = bool(folded[4]) or (segment.by_chunks and segment.usage_total is None)
 
     def add_segment(self, segment: Segment, detected: float | None) -> None:
         if len(self.open) >= MAX_OPEN_SEGMENTS:
@@ -124,7 +150,7 @@ class Tally:
         self.open.append(segment)
 
     def split(self, detected: float | None) -> tuple[int, int, int, bool]:
-        total, after, delivered, estimated = self.folded
+        total, after, delivered, estimated, _ = self.folded
         for segment in self.open:
             t, a, d, e = segment.split(detected)
             total += t
@@ -138,6 +164,7 @@ class TokenAccount:
     """The recorder's integration object for tokens: ``span_attributes`` and ``record_end``."""
 
     __slots__ = (
+        "_exemplar_context",
         "_lock",
         "_observed",
         "_timer",
@@ -166,6 +193,7 @@ class TokenAccount:
         self.reported_source: str | None = None
         self._observed = False
         self._timer: Any = None
+        self._exemplar_context: Any = None
         self._lock = threading.Lock()  # record_tokens() may run in worker threads
 
     # -- written by the sources ----------------------------------------------------------------
@@ -218,7 +246,8 @@ class TokenAccount:
         total, after, delivered, estimated = self.tallies[source].split(detected)
         after = min(after, total)
         if detected is None:
-            return source, total, 0, 0, False  # the usage total is exact; nothing was split
+            # Nothing was split; a usage total is exact, a chunk count a guess.
+            return source, total, 0, 0, self.tallies[source].guessed()
         if source != RESPONSE:
             delivered = self._delivered_elsewhere(state, total - after)
         undelivered = min(total, max(after, total - delivered))
@@ -301,7 +330,9 @@ class TokenAccount:
         if undelivered > old_undelivered:
             metrics.llm_tokens_undelivered.labels(route, model).inc(undelivered - old_undelivered)
         self.reported = (
-            max(total, old_total), max(after, old_after), max(undelivered, old_undelivered)
+            max(total, old_total),
+            max(after, old_after),
+            max(undelivered, old_undelivered),
         )
 
     def _finish_when_idle(self, state: RequestState) -> None:
@@ -311,6 +342,7 @@ class TokenAccount:
         detected = state.detected_perf
         if detected is None:
             return
+        self._exemplar_context = spans.exemplar_context(state.span)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -334,9 +366,12 @@ class TokenAccount:
         self._observed = True
         last = self.last_token_perf
         seconds = max(0.0, last - detected) if last is not None else 0.0
-        self.metrics.llm_generation_after_disconnect.labels(
+        child = self.metrics.llm_generation_after_disconnect.labels(
             self.route or "unmatched", self.model_label or "unknown"
-        ).observe(seconds)
+        )
+        # Observed from a timer with an empty context: the request's span context is put back
+        # for the observation, so the OpenTelemetry sink's exemplar carries its trace id.
+        spans.in_context(self._exemplar_context, child.observe, seconds)
 
 
 def _later(loop: asyncio.AbstractEventLoop, delay: float, callback: Any, detected: float) -> Any:

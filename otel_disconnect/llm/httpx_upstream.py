@@ -26,7 +26,7 @@ import wrapt
 
 from ..failsafe import internal_error
 from ..state import RequestState, current
-from .account import UPSTREAM, Segment, TokenAccount, account_for
+from .account import ENGINE_KEY, UPSTREAM, Segment, TokenAccount, account_for
 from .openai_stream import JSONUsageParser, SSEUsageParser
 
 _MARK = "_otel_disconnect_original"
@@ -57,6 +57,7 @@ class Upstream:
             n = parser.feed(chunk)
             if n:
                 self.account.set_model(parser.model)
+                self.segment.by_chunks = parser.by_chunks
                 self.account.counted(self.state, self.segment, n, delivered=False)
             if parser.usage_total is not None and parser.usage_total != self.segment.usage_total:
                 self.account.usage(self.state, self.segment, parser.usage_total)
@@ -131,6 +132,8 @@ def _parser_for(request: Any, response: Any) -> SSEUsageParser | JSONUsageParser
 
 def _watch(mod: types.ModuleType, state: RequestState, request: Any, response: Any,
            started: float) -> None:
+    if state.extras is not None and ENGINE_KEY in state.extras:
+        return  # the engine counts this request's tokens exactly: the upstream is not read
     parser = _parser_for(request, response)
     if parser is None:
         return

@@ -12,6 +12,16 @@ Counting rules (documented in the README):
 - a chunk with both choices and ``usage`` (vLLM ``continuous_usage_stats``) counts by the
   cumulative ``usage.completion_tokens`` instead;
 - a ``usage`` chunk without choices (``stream_options.include_usage``) is the authoritative total;
+- a usage figure counts only when it is an integer in ``0 .. MAX_USAGE`` (``usage_figure``); any
+  other value (a float, ``1e30``, ``10**400``, a string) is malformed input, skipped and counted
+  in ``malformed``, by every path alike (SSE, JSON bodies of any size, upstream streams);
+- a chunk event is first read by a byte scan (``quick_count``): a single-choice chunk whose
+  ``usage`` is absent or null is counted from the bytes of its output keys and never parsed;
+  the JSON parser reads only the events the scan cannot decide: those that carry a usage figure,
+  several choices or tool calls, values of an unusual type or layout, the model name when it is
+  not plain. The scan checks the event's outline (``{...}``, the choices array closed) but not
+  the JSON between the keys it reads: a broken event that still reads as a one-token chunk
+  counts one token;
 - an event whose data names none of ``"choices"``, ``"usage"``, ``"model"`` is not parsed at all
   (servers write these keys plainly); a stream whose first ``FOREIGN_EVENTS`` data events are all
   such is not a completion stream (progress events, logs) and is no longer read (``foreign``).
@@ -28,15 +38,21 @@ FOREIGN_EVENTS = 3
 MAX_JSON_BYTES = 1024 * 1024
 _TAIL_BYTES = 8 * 1024
 
-# Inside a JSON string a quote is escaped, so this cannot match text inside the content.
-_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
+# The largest usage figure taken as real: what a 32-bit counter holds. Larger ones, negatives and
+# non-integers are malformed input (a buggy or hostile upstream), never arithmetic.
+MAX_USAGE = 2**31 - 1
+
+# Inside a JSON string a quote is escaped, so these cannot match text inside the content.
+_COMPLETION_TOKENS_KEY = re.compile(rb'"completion_tokens"[ \t\n\r]*:[ \t\n\r]*')
+# A JSON integer ending where its value ends: "12.5", "1e30", "12abc" do not match.
+_JSON_INTEGER = re.compile(rb"(-?(?:0|[1-9][0-9]*))[ \t\n\r]*[,}]")
 # Searched with bytes.find(): ``key in data`` first tries the key as an integer (a byte value)
 # and builds and clears a TypeError on every call, which costs more than the search itself.
 COMPLETION_KEY = b'"completion_tokens"'  # a JSON body without it has no usage
 _CHOICES_KEY = b'"choices"'
 _USAGE_KEY = b'"usage"'
 _MODEL_KEY = b'"model"'
-_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+_MODEL = re.compile(rb'"model"[ \t\n\r]*:[ \t\n\r]*"([^"\\]{1,200})"')
 
 
 def _choice_has_output(choice: Any) -> bool:
@@ -59,13 +75,35 @@ def _choice_has_output(choice: Any) -> bool:
     return isinstance(text, str) and bool(text)
 
 
-def _completion_tokens(usage: Any) -> int | None:
-    if not isinstance(usage, dict):
-        return None
-    value = usage.get("completion_tokens")
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+def usage_figure(value: Any) -> int | None:
+    """``value`` as a token count: an ``int`` (not a bool) in ``0 .. MAX_USAGE``, else None."""
+    if type(value) is int and 0 <= value <= MAX_USAGE:
         return value
     return None
+
+
+def _usage_from_text(body: bytes) -> int | bool | None:
+    """The last ``"completion_tokens"`` of a body too large to parse, read from its bytes: the
+    figure, None when there is no such key, False when its value is not a valid figure."""
+    last = None
+    for last in _COMPLETION_TOKENS_KEY.finditer(body):  # noqa: B007 (the last one is wanted)
+        pass
+    if last is None:
+        return None
+    found = _JSON_INTEGER.match(body, last.end())
+    if found is None or len(found.group(1)) > 12:  # longer is out of range anyway
+        return False
+    figure = usage_figure(int(found.group(1)))
+    return False if figure is None else figure
+
+
+def _completion_tokens(usage: Any) -> int | bool | None:
+    """The usage figure of a ``usage`` object: None when there is none, False when it is not
+    valid (malformed input)."""
+    if not isinstance(usage, dict) or "completion_tokens" not in usage:
+        return None
+    figure = usage_figure(usage["completion_tokens"])
+    return False if figure is None else figure
 
 
 def _model_of(obj: dict[str, Any]) -> str | None:
@@ -81,9 +119,12 @@ class SSEUsageParser:
         "_buffer",
         "_cumulative",
         "_data",
+        "_head",
         "_others",
         "_seen_chunk",
         "_skipping",
+        "_tail",
+        "by_chunks",
         "counted",
         "done",
         "malformed",
@@ -101,7 +142,14 @@ class SSEUsageParser:
         self._cumulative = 0  # the last cumulative usage.completion_tokens seen on a chunk
         self._seen_chunk = False  # an event that names a chunk key was seen
         self._others = 0  # data events that named none
+        # The stream's chunk template (see _learn): a body chunk that starts with _head and ends
+        # with _tail is one more one-token chunk of the same stream.
+        self._head: bytes | None = None
+        self._tail = b""
         self.counted = 0
+        # Some tokens were counted one per chunk output (no usage figure said how many): an
+        # estimate wherever a chunk can carry several tokens.
+        self.by_chunks = False
         self.usage_total: int | None = None
         self.model: str | None = None
         self.done = False
@@ -126,20 +174,43 @@ class SSEUsageParser:
 
     def feed(self, data: bytes) -> int:
         """Consume ``data``; return the tokens counted in the events it completed."""
+        head = self._head
+        if head is not None and data.startswith(head) and data.endswith(self._tail):
+            # The stream's next token chunk: the same bytes around a different content string.
+            # Its content is non-empty and holds no "}" or line end (so no other event, choice
+            # or usage object hides in it): exactly one token, as the parser would count it.
+            at = len(head)
+            end = len(data) - len(self._tail)
+            if (
+                end > at
+                and data[at] != 34
+                and data.find(b"}", at, end) < 0
+                and data.find(b"\n", at, end) < 0
+            ):
+                self.counted += 1
+                return 1
         if self._others >= FOREIGN_EVENTS and not self._seen_chunk:
             return 0  # not a completion stream (see foreign)
-        if (
-            data.endswith(b"\n\n")
-            and not self._buffer
-            and not self._data
-            and not self._skipping
-            and not self._after_cr
-            and len(data) <= self.max_buffer
-            and data.find(b"\r") < 0
-        ):
-            # What servers send: whole events ending in "\n\n", one or a few per body chunk.
-            # Split in C instead of walking line ends; the same rules as below otherwise.
-            return self._feed_events(data)
+        if not (self._buffer or self._data or self._skipping or self._after_cr):
+            end = len(data) - 2
+            # What servers send: one whole event per body chunk, "data: {...}\n\n". Read in
+            # place, no copy, the same rules as below.
+            if (
+                data.find(b"\n") == end
+                and data.startswith(b"data:")
+                and data.endswith(b"\n")
+                and end <= self.max_buffer
+                and data.find(b"\r", 0, end) < 0
+            ):
+                before = self.counted
+                self._dispatch(data, 6 if data[5:6] == b" " else 5, end)
+                if self.counted - before == 1 and self._head is None:
+                    self._learn(data)
+                return self.counted - before
+            if data.endswith(b"\n\n") and len(data) <= self.max_buffer and data.find(b"\r") < 0:
+                # Several whole events: split in C instead of walking line ends.
+                return self._feed_events(data)
+        self._head = None  # events split across body chunks: no template until they line up
         before = self.counted
         start = 0
         end = len(data)
@@ -161,6 +232,33 @@ class SSEUsageParser:
                     start += 1
         return self.counted - before
 
+    def _learn(self, data: bytes) -> None:
+        """Keep ``data``, a single-event body chunk counted as one token, as the stream's
+        template when it has the plain layout of vLLM's and most servers' token chunks:
+        ``data: {..."choices":[{..."delta":{"content":"`` + text + ``"},...}]}`` with the delta
+        holding nothing else, no usage figure, one choice, and a suffix that holds no object."""
+        delta = data.find(_TEMPLATE_DELTA)
+        if delta < 0:
+            return
+        start = delta + len(_TEMPLATE_DELTA)
+        close = data.find(b'"', start)
+        if (
+            close <= start
+            or data.find(b"\\", start, close) >= 0
+            or not data.startswith(b'"}', close)
+            or data.find(b"{", close) >= 0
+            or data.find(_DELTA_KEY, 0, delta) >= 0
+            or data.find(b'"choices":[{', 0, delta) < 0
+        ):
+            return
+        usage = data.find(_USAGE_KEY)
+        if usage >= 0 and not data.startswith(b'"usage":null', usage):
+            return
+        if data.find(_USAGE_KEY, usage + 7) >= 0:
+            return
+        self._head = data[:start]
+        self._tail = data[close:]
+
     def _feed_events(self, data: bytes) -> int:
         before = self.counted
         lines = data.split(b"\n")
@@ -169,7 +267,8 @@ class SSEUsageParser:
         for line in lines:
             if not line:
                 if values:
-                    self._dispatch_payload(b"\n".join(values))
+                    payload = b"\n".join(values)
+                    self._dispatch(payload, 0, len(payload))
                     values = []
             elif line.startswith(b"data:"):
                 values.append(line[6:] if line[5:6] == b" " else line[5:])
@@ -192,7 +291,10 @@ class SSEUsageParser:
             return
         line = self._buffer
         if not line:
-            self._dispatch()
+            if self._data:
+                payload = bytes(self._data)
+                self._data.clear()
+                self._dispatch(payload, 0, len(payload))
         elif line.startswith(b"data:"):
             value = line[6:] if line[5:6] == b" " else line[5:]
             if self._data:
@@ -200,36 +302,60 @@ class SSEUsageParser:
             self._data += value
         self._buffer = bytearray()
 
-    def _dispatch(self) -> None:
-        if not self._data:
+    def _dispatch(self, data: bytes, start: int, end: int) -> None:
+        """One event's data, ``data[start:end]``: counted from its bytes when the scan can
+        tell, else parsed."""
+        if start == end or (self._others >= FOREIGN_EVENTS and not self._seen_chunk):
+            # "data:" with nothing after it (the line walker drops it too), or an event after
+            # the stream was given up in the same body chunk.
             return
-        payload = bytes(self._data)
-        self._data.clear()
-        self._dispatch_payload(payload)
-
-    def _dispatch_payload(self, payload: bytes) -> None:
-        if not _names_chunk_key(payload):
+        choices = data.find(_CHOICES_KEY, start, end)
+        if choices < 0 and not _names_chunk_key(data, start, end):
             # Nothing in it could count or name the model (a chunk names its keys plainly):
             # other SSE streams (progress events, logs) are not parsed at all.
-            if payload.strip() == b"[DONE]":
+            if data[start:end].strip() == b"[DONE]":
                 self.done = True
             else:
                 self._others += 1
             return
         self._seen_chunk = True
+        if choices >= 0 and (self.model is not None or self._scan_model(data, start, end)):
+            n = quick_count(data, choices, start, end)
+            if n is not None:
+                if n:
+                    self.counted += n
+                    self.by_chunks = True
+                return
         try:
-            obj = json.loads(payload)
+            obj = json.loads(data[start:end])
         except (ValueError, RecursionError):
             self.malformed += 1
             return
         if isinstance(obj, dict):
             self._chunk(obj)
 
+    def _scan_model(self, data: bytes, start: int, end: int) -> bool:
+        """Read the model name from the bytes (once per stream); False when only the parser can
+        (escapes, an odd layout)."""
+        if data.find(_MODEL_KEY, start, end) < 0:
+            return True  # no model named: the parser would find none either
+        found = _MODEL.search(data, start, end)
+        if found is None:
+            return False
+        try:
+            self.model = found.group(1).decode()
+        except UnicodeDecodeError:
+            return False
+        return True
+
     def _chunk(self, obj: dict[str, Any]) -> None:
         if self.model is None:
             self.model = _model_of(obj)
         choices = obj.get("choices")
         usage = _completion_tokens(obj.get("usage"))
+        if usage is False:
+            self.malformed += 1  # a usage figure that is not one: counted by its chunks
+            usage = None
         if usage is not None and not choices:
             self.usage_total = usage
             return
@@ -240,7 +366,86 @@ class SSEUsageParser:
                 self._cumulative = usage
             return
         if isinstance(choices, list):
-            self.counted += sum(1 for choice in choices if _choice_has_output(choice))
+            n = sum(1 for choice in choices if _choice_has_output(choice))
+            if n:
+                self.counted += n
+                self.by_chunks = True
+
+
+# The keys the byte scan reads. A key is found only where it is one: inside a JSON string every
+# quote is escaped, so '"content":' cannot match text inside a value.
+_DELTA_KEY = b'"delta":'
+_TEMPLATE_DELTA = b'"delta":{"content":"'
+_CONTENT_KEY = b'"content":'
+_OTHER_OUTPUT_KEYS = (b'"reasoning_content":', b'"reasoning":', b'"refusal":')
+_TEXT_KEY = b'"text":'
+_TOOL_CALLS_KEY = b'"tool_calls":'
+_FUNCTION_KEY = b'"function":'
+_ARGUMENTS_KEY = b'"arguments":'
+_NAME_KEY = b'"name":'
+
+
+def quick_count(data: bytes, choices: int, start: int, end: int) -> int | None:
+    """The tokens of the chunk ``data[start:end]`` (``choices``: where it names ``"choices"``),
+    read from its bytes as ``SSEUsageParser`` would count them parsed: 1 when its one choice
+    carries output, 0 when it carries none; None when only the parser can tell (a usage figure,
+    several choices, values of an unusual type or layout)."""
+    if data[start] != 123 or data[end - 1] != 125 or data.rfind(b"]", choices, end) < 0:
+        return None  # not "{...}" with the choices array closed: the parser says what it is
+    usage = data.find(_USAGE_KEY, start, end)
+    if usage >= 0 and not (
+        (data.startswith(b":null", usage + 7) or data.startswith(b": null", usage + 7))
+        and data.find(_USAGE_KEY, usage + 7, end) < 0
+    ):
+        return None  # a usage figure (or something unusual): parsed
+    delta = data.find(_DELTA_KEY, choices, end)
+    if delta < 0:  # a completions chunk: {"choices": [{"text": ...}]}
+        text = data.find(_TEXT_KEY, choices, end)
+        if text < 0 or data.find(_TEXT_KEY, text + 7, end) >= 0:
+            return None
+        return _string_value(data, text + 7)
+    at = delta + 8
+    if data.find(_DELTA_KEY, at, end) >= 0:
+        return None  # several choices
+    if data[at] == 32:
+        at += 1
+    if data[at] != 123:
+        return None  # a delta that is not an object
+    found = _string_value(data, data.find(_CONTENT_KEY, at, end), 10)
+    if found != 0:
+        return found
+    for key in _OTHER_OUTPUT_KEYS:
+        found = _string_value(data, data.find(key, at, end), len(key))
+        if found != 0:
+            return found
+    tools = data.find(_TOOL_CALLS_KEY, at, end)
+    if tools < 0:
+        return 0
+    function = data.find(_FUNCTION_KEY, tools, end)
+    if function < 0:
+        return 0
+    if data.find(_FUNCTION_KEY, function + 11, end) >= 0:
+        return None  # several calls
+    found = _string_value(data, data.find(_ARGUMENTS_KEY, function, end), 12)
+    if found != 0:
+        return found
+    return _string_value(data, data.find(_NAME_KEY, function, end), 7)
+
+
+def _string_value(data: bytes, key: int, length: int = 0) -> int | None:
+    """At ``key + length`` (just after a key's colon, in an event that ends with "}"): 1 for a
+    non-empty string, 0 for an empty one, null, or no key (``key`` < 0), None for anything else."""
+    if key < 0:
+        return 0
+    at = key + length
+    if data[at] == 32:
+        at += 1
+    first = data[at]
+    if first == 34:  # '"'
+        return 0 if data[at + 1] == 34 else 1
+    if first == 110 and data.startswith(b"null", at):
+        return 0
+    return None
 
 
 def foreign_event(data: bytes) -> bool | None:
@@ -264,10 +469,16 @@ def foreign_event(data: bytes) -> bool | None:
     return data.startswith(b"data:") or data.find(b"\ndata:") >= 0
 
 
-def _names_chunk_key(data: bytes) -> bool:
-    """Whether ``data`` names a key a completion chunk has: the one rule for which events the
-    parser reads and which ``foreign_event`` may screen out."""
-    return data.find(_CHOICES_KEY) >= 0 or data.find(_USAGE_KEY) >= 0 or data.find(_MODEL_KEY) >= 0
+def _names_chunk_key(data: bytes, start: int = 0, end: int | None = None) -> bool:
+    """Whether ``data[start:end]`` names a key a completion chunk has: the one rule for which
+    events the parser reads and which ``foreign_event`` may screen out."""
+    if end is None:
+        end = len(data)
+    return (
+        data.find(_CHOICES_KEY, start, end) >= 0
+        or data.find(_USAGE_KEY, start, end) >= 0
+        or data.find(_MODEL_KEY, start, end) >= 0
+    )
 
 
 def _next_newline(data: bytes, start: int) -> int:
@@ -280,10 +491,11 @@ class JSONUsageParser:
     """Reads ``usage.completion_tokens`` and ``model`` from a non-streaming response body.
 
     Bodies up to ``max_buffer`` are parsed as JSON; past that only the head (for ``model``) and a
-    short tail (``usage`` comes last in OpenAI-shaped bodies) are kept and searched.
+    short tail (``usage`` comes last in OpenAI-shaped bodies) are kept and searched. Both read a
+    usage figure by the same rule (``usage_figure``); a value that is not one is ``malformed``.
     """
 
-    __slots__ = ("_body", "_head", "_overflow", "max_buffer", "model", "usage_total")
+    __slots__ = ("_body", "_head", "_overflow", "malformed", "max_buffer", "model", "usage_total")
 
     def __init__(self, max_buffer: int = MAX_JSON_BYTES) -> None:
         self.max_buffer = max_buffer
@@ -292,6 +504,7 @@ class JSONUsageParser:
         self._overflow = False
         self.usage_total: int | None = None
         self.model: str | None = None
+        self.malformed = 0
 
     @property
     def buffered(self) -> int:
@@ -323,15 +536,22 @@ class JSONUsageParser:
                 obj = json.loads(body)
             except (ValueError, RecursionError):
                 obj = None
+                self.malformed += 1
             if isinstance(obj, dict):
                 self.model = _model_of(obj)
-                self.usage_total = _completion_tokens(obj.get("usage"))
+                figure = _completion_tokens(obj.get("usage"))
+                if figure is False:
+                    self.malformed += 1
+                elif figure is not None:
+                    self.usage_total = figure
             return self.usage_total
         found = _MODEL.search(self._head)
         if found:
             self.model = found.group(1).decode("utf-8", "replace")
-        matches = _COMPLETION_TOKENS.findall(body)
-        if matches:
-            self.usage_total = int(matches[-1])
+        figure = _usage_from_text(body)
+        if figure is False:
+            self.malformed += 1
+        elif figure is not None:
+            self.usage_total = figure
         self._head = b""
         return self.usage_total

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .._types import Message
 from ..state import RequestState
-from .account import RESPONSE, Segment, TokenAccount, account_for
+from .account import ENGINE_KEY, RESPONSE, Segment, TokenAccount, account_for
 from .openai_stream import (
     COMPLETION_KEY,
     FOREIGN_EVENTS,
@@ -22,12 +22,11 @@ from .openai_stream import (
 
 
 class ResponseObserver:
-    """Counts a response body with a parser; ``feed()`` returns the observer to keep, or None
-    once the rest of the body is not worth reading."""
+    """Counts a JSON response body; ``feed()`` returns the observer to keep."""
 
     __slots__ = ("_account", "_segment", "parser", "state")
 
-    def __init__(self, state: RequestState, parser: SSEUsageParser | JSONUsageParser) -> None:
+    def __init__(self, state: RequestState, parser: JSONUsageParser) -> None:
         self.state = state
         self.parser = parser
         self._account: TokenAccount | None = None
@@ -43,23 +42,8 @@ class ResponseObserver:
     def feed(
         self, state: RequestState, body: bytes, delivered: bool, final: bool
     ) -> ResponseObserver | None:
-        """Count one body chunk (``delivered``: handed to the server before the client left).
-        ``state`` is this observer's own; it is passed for the pending observers, which hold
-        none and make a ResponseObserver from it."""
+        """Count one body chunk (``delivered``: handed to the server before the client left)."""
         parser = self.parser
-        if isinstance(parser, SSEUsageParser):
-            n = parser.feed(body) if body else 0
-            if n:
-                account, segment = self._open()
-                account.set_model(parser.model)
-                account.counted(self.state, segment, n, delivered)
-            if parser.usage_total is not None and (
-                self._segment is None or self._segment.usage_total != parser.usage_total
-            ):
-                account, segment = self._open()
-                account.set_model(parser.model)
-                account.usage(self.state, segment, parser.usage_total)
-            return None if parser.foreign else self
         parser.feed(body)
         if final:
             total = parser.finish()
@@ -68,6 +52,55 @@ class ResponseObserver:
                 account.set_model(parser.model)
                 account.usage(self.state, segment, total)
         return self
+
+
+class SSEObserver:
+    """Counts an event stream with ``SSEUsageParser``; ``feed()`` returns the observer to keep,
+    or None once the rest of the stream is not worth reading. This runs for every chunk an LLM
+    service streams: a token chunk costs the parser's byte scan and two additions."""
+
+    __slots__ = ("_account", "_segment", "parser", "state")
+
+    def __init__(self, state: RequestState, parser: SSEUsageParser) -> None:
+        self.state = state
+        self.parser = parser
+        self._account: TokenAccount | None = None
+        self._segment: Segment | None = None
+
+    def _open(self) -> Segment:
+        account = self._account = account_for(self.state)
+        segment = self._segment = Segment(self.state.start_perf)
+        account.tally(RESPONSE).add_segment(segment, self.state.detected_perf)
+        account.set_model(self.parser.model)
+        return segment
+
+    def feed(
+        self, state: RequestState, body: bytes, delivered: bool, final: bool
+    ) -> SSEObserver | None:
+        """Count one body chunk (``delivered``: handed to the server before the client left)."""
+        parser = self.parser
+        n = parser.feed(body)
+        if n:
+            segment = self._segment or self._open()
+            segment.by_chunks = parser.by_chunks
+            if delivered and not state.ended:
+                # Before any disconnect, on the event loop: nothing else writes this segment.
+                segment.counted += n
+                segment.delivered += n
+            else:
+                account = self._account
+                assert account is not None
+                account.counted(state, segment, n, delivered)
+            return self
+        usage = parser.usage_total
+        if usage is not None:
+            segment = self._segment or self._open()
+            if segment.usage_total != usage:
+                account = self._account
+                assert account is not None
+                account.set_model(parser.model)
+                account.usage(state, segment, usage)
+        return None if parser.foreign else self
 
 
 class _PendingSSE:
@@ -84,13 +117,13 @@ class _PendingSSE:
 
     def feed(
         self, state: RequestState, body: bytes, delivered: bool, final: bool
-    ) -> ResponseObserver | _PendingSSE | None:
+    ) -> SSEObserver | _PendingSSE | None:
         if not body:
             return self
         foreign = foreign_event(body)
         if foreign is None:
             parser = SSEUsageParser.after_foreign(self.others)
-            return ResponseObserver(state, parser).feed(state, body, delivered, final)
+            return SSEObserver(state, parser).feed(state, body, delivered, final)
         if foreign:
             self.others += 1
             if self.others >= FOREIGN_EVENTS:
@@ -115,11 +148,13 @@ class _PendingJSON:
 JSON_PENDING = _PendingJSON()
 
 # What the middleware keeps per response: ``observer.feed(...)`` returns the next one.
-Observer = ResponseObserver | _PendingSSE | _PendingJSON
+Observer = ResponseObserver | SSEObserver | _PendingSSE | _PendingJSON
 
 
 def observer_for(state: RequestState, message: Message) -> Observer | None:
     """An observer for an OpenAI-compatible response, or None for anything else."""
+    if state.extras is not None and ENGINE_KEY in state.extras:
+        return None  # the engine counts this request's tokens exactly: the body is not read
     content_type = b""
     # Every response passes here. ASGI requires lower-case response header names, so they are
     # compared as they are; the common exact values skip parsing.

@@ -115,6 +115,21 @@ ALERTS = (
         "llm",
     ),
     Alert(
+        "LLMEngineTokensAborted",
+        "(\n"
+        "  sum by (model) (rate(otel_disconnect_llm_engine_aborted_tokens_total[10m]))\n"
+        "    /\n"
+        "  sum by (model) (rate(otel_disconnect_llm_tokens_total[10m]))\n"
+        ") > 0.1\n"
+        "and\n"
+        "sum by (model) (rate(otel_disconnect_llm_tokens_total[10m])) > 1",
+        "15m", "warning",
+        "More than 10% of the tokens the engine generates belong to requests it then aborts.",
+        "{{ $value | humanizePercentage }} of the output tokens of model {{ $labels.model }} "
+        "went to requests the engine aborted (their clients left): GPU time spent for nobody.",
+        "llm",
+    ),
+    Alert(
         "GPUGeneratingForDisconnectedClients",
         "sum by (model) "
         "(rate(otel_disconnect_llm_generation_after_disconnect_seconds_sum[10m])) > 0.5",

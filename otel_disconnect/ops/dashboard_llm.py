@@ -10,6 +10,9 @@ AFTER = "otel_disconnect_llm_tokens_after_disconnect_total"
 UNDELIVERED = "otel_disconnect_llm_tokens_undelivered_total"
 GENERATION = "otel_disconnect_llm_generation_after_disconnect_seconds"
 POWER = "DCGM_FI_DEV_POWER_USAGE"
+ABORTED = "otel_disconnect_llm_engine_aborted_requests_total"
+ABORTED_TOKENS = "otel_disconnect_llm_engine_aborted_tokens_total"
+M = 'model=~"$model"'
 
 
 def _sum(metric: str, by: str = "") -> str:
@@ -66,6 +69,18 @@ PANELS = (
           "the average number of sequences the GPU works on for clients that left.", "short",
           (Target(f"sum by (model) (rate({GENERATION}_sum{{{S}}}[$__rate_interval]))",
                   "{{model}}"),),
+          "llm"),
+    Panel("Engine: aborted requests by phase", "Requests vLLM's engine aborted, by the phase "
+          "their client left in (connected: aborted with the client still there). Counted by "
+          "otel-disconnect inside vLLM's API server; vLLM's own abort counter stays at zero.",
+          "reqps",
+          (Target(f"sum by (model, phase) (rate({ABORTED}{{{M}}}[$__rate_interval]))",
+                  "{{model}} {{phase}}"),),
+          "llm"),
+    Panel("Engine: tokens of aborted requests", "Output tokens per second the engine had "
+          "generated for requests it then aborted, by phase: GPU work thrown away.", "short",
+          (Target(f"sum by (model, phase) (rate({ABORTED_TOKENS}{{{M}}}[$__rate_interval]))",
+                  "{{model}} {{phase}}"),),
           "llm"),
     Panel("vLLM: requests running", "vllm:num_requests_running, sequences in the running batch.",
           "short", (Target("sum by (model_name) (vllm:num_requests_running)", "{{model_name}}"),),

@@ -88,9 +88,12 @@ PANELS = (
         "Disconnects in the 5-10 s band", "Share of disconnects whose client waited more than "
         "5 s and at most 10 s: close to 100 % when clients use a 10 s timeout. Compare with the "
         "server timeout (often 30 s): the gap is work done for nobody.", "percentunit",
+        # le="10.0" from prometheus-client and opentelemetry-exporter-prometheus, le="10" from
+        # the collector's exporters and Prometheus' OTLP receiver: one query for both.
         (Target(
-            f"(sum by (route) (rate({WAIT}_bucket{{{R}, le=\"10.0\"}}[$__rate_interval])) - "
-            f"sum by (route) (rate({WAIT}_bucket{{{R}, le=\"5.0\"}}[$__rate_interval]))) / "
+            f"(sum by (route) (rate({WAIT}_bucket{{{R}, le=~\"10(\\\\.0)?\"}}[$__rate_interval]))"
+            f" - sum by (route) (rate({WAIT}_bucket{{{R}, le=~\"5(\\\\.0)?\"}}"
+            "[$__rate_interval]))) / "
             f"sum by (route) (rate({WAIT}_count{{{R}}}[$__rate_interval]))", "{{route}}"),),
         "app",
     ),

@@ -47,11 +47,16 @@ def bundle() -> dict[str, str]:
 
 def repository_files() -> dict[str, str]:
     """Every generated file of the repository, keyed by its path from the repository root."""
+    from . import kubernetes, mixin
+
     files: dict[str, str] = {}
     for path, text in bundle().items():
         repo_path = "deploy/" + path if path.startswith("grafana/") else path
         files[repo_path] = text
         files[f"{ASSETS}/{path}"] = text
+    files.update(mixin.files({d.filename: dashboard_text(d) for d in DASHBOARDS}))
+    for name, text in kubernetes.manifests().items():
+        files[f"deploy/kubernetes/{name}"] = text
     return files
 
 

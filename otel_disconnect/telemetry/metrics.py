@@ -1,4 +1,4 @@
-"""Every Prometheus metric of SPEC section 6, defined once per registry.
+"""The prometheus-client sink: every metric of ``catalog.METRICS``, defined once per registry.
 
 A middleware, a token source or a database hook asks ``metrics_for(registry)`` and gets the same
 object for the same registry, so two middlewares on one registry never register a name twice.
@@ -7,23 +7,44 @@ object for the same registry, so two middlewares on one registry never register 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-PREFIX = "otel_disconnect_"
+from .catalog import CLIENT_WAIT_BUCKETS, METRICS, PREFIX, WORK_AFTER_BUCKETS, MetricSpec
 
-# The client timeouts people actually configure (5, 10, 15, 30, 60 s) are bucket bounds, so a
-# 10 s client timeout against a 30 s server timeout shows up as a step at le="10".
-CLIENT_WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300)
-WORK_AFTER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+logger = logging.getLogger("otel_disconnect")
+
 
 MAX_MODELS = 20
 OTHER_MODEL = "other"
+
+
+__all__ = [
+    "CLIENT_WAIT_BUCKETS",
+    "PREFIX",
+    "WORK_AFTER_BUCKETS",
+    "Metrics",
+    "metrics_for",
+    "prometheus_metrics",
+]
+
+
+def _family(spec: MetricSpec) -> Any:
+    """One unregistered prometheus-client family for ``spec``."""
+    labels = list(spec.labels)
+    if spec.kind == "counter":
+        return Counter(spec.name, spec.help, labels, registry=None)
+    if spec.kind == "histogram":
+        assert spec.buckets is not None, spec.name
+        return Histogram(spec.name, spec.help, labels, buckets=spec.buckets, registry=None)
+    # livesum: in multi-process mode the exposition sums the live workers' values.
+    return Gauge(spec.name, spec.help, labels, registry=None, multiprocess_mode="livesum")
 
 
 def _multiprocess() -> bool:
@@ -31,117 +52,37 @@ def _multiprocess() -> bool:
 
 
 class Metrics:
-    """The metric families. Hot label children are cached: ``labels()`` costs a lock and a tuple."""
+    """The metric families in one prometheus-client registry, built from ``catalog.METRICS``.
+
+    Every family is an attribute named by its ``MetricSpec.attr``. Hot label children are
+    cached: ``labels()`` costs a lock and a tuple.
+    """
+
+    kind = "prometheus"
+
+    if TYPE_CHECKING:  # the families are set from the catalog: adding one is a one-entry change
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
-        reg: Any = registry
-        self.requests = Counter(
-            PREFIX + "requests",
-            "HTTP requests seen by the disconnect middleware.",
-            ["route", "method"],
-            registry=reg,
-        )
-        self.client_disconnects = Counter(
-            PREFIX + "client_disconnects",
-            "Premature client disconnects: the client left before the final response body.",
-            ["route", "method", "phase", "outcome"],
-            registry=reg,
-        )
-        self.client_wait = Histogram(
-            PREFIX + "client_wait_seconds",
-            "How long clients that disconnected prematurely waited before leaving.",
-            ["route"],
-            buckets=CLIENT_WAIT_BUCKETS,
-            registry=reg,
-        )
-        self.work_after_disconnect = Histogram(
-            PREFIX + "work_after_disconnect_seconds",
-            "Time the app kept working for a request after its client left.",
-            ["route", "outcome"],
-            buckets=WORK_AFTER_BUCKETS,
-            registry=reg,
-        )
-        # livesum: in multi-process mode the exposition sums the live workers' values.
-        self.inflight = Gauge(
-            PREFIX + "inflight_requests",
-            'Requests in flight; client="disconnected" are zombie requests working for nobody.',
-            ["client"],
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.sends_after_disconnect = Counter(
-            PREFIX + "sends_after_disconnect",
-            "send() calls the app made after its client left.",
-            ["route"],
-            registry=reg,
-        )
-        self.bytes_after_disconnect = Counter(
-            PREFIX + "bytes_after_disconnect",
-            "Response body bytes the app sent after its client left.",
-            ["route"],
-            registry=reg,
-        )
-        self.retries_after_disconnect = Counter(
-            PREFIX + "retries_after_disconnect",
-            "Requests that repeat a request whose client disconnected within the retry window.",
-            ["route"],
-            registry=reg,
-        )
-        self.llm_tokens = Counter(
-            PREFIX + "llm_tokens",
-            "Output tokens generated.",
-            ["route", "model"],
-            registry=reg,
-        )
-        self.llm_tokens_after_disconnect = Counter(
-            PREFIX + "llm_tokens_after_disconnect",
-            "Output tokens generated after the client disconnected.",
-            ["route", "model"],
-            registry=reg,
-        )
-        self.llm_tokens_undelivered = Counter(
-            PREFIX + "llm_tokens_undelivered",
-            "Output tokens generated that never reached the client.",
-            ["route", "model"],
-            registry=reg,
-        )
-        self.llm_generation_after_disconnect = Histogram(
-            PREFIX + "llm_generation_after_disconnect_seconds",
-            "Time generation went on after the client disconnected.",
-            ["route", "model"],
-            buckets=WORK_AFTER_BUCKETS,
-            registry=reg,
-        )
-        self.db_transactions_interrupted = Counter(
-            PREFIX + "db_transactions_interrupted",
-            "Database transactions open when the client of their request disconnected.",
-            ["route", "state"],
-            registry=reg,
-        )
-        self.db_connections_left_open = Counter(
-            PREFIX + "db_connections_left_open",
-            "Connections still checked out or in a transaction when a disconnected request ended.",
-            ["route", "state"],
-            registry=reg,
-        )
-        self.db_checkins = Counter(
-            PREFIX + "db_checkins",
-            "Pool check-ins by outcome.",
-            ["outcome"],
-            registry=reg,
-        )
-        self.internal_errors = Counter(
-            PREFIX + "internal_errors",
-            "Errors inside otel-disconnect; the app was not affected.",
-            ["where"],
-            registry=reg,
-        )
+        # Made unregistered, then registered one by one (``_register``): a name that another
+        # collector already holds must not fail start-up, nor leave half the families behind.
+        self.unregistered: list[str] = []
+        families = [_family(spec) for spec in METRICS]
+        for spec, family in zip(METRICS, families, strict=True):
+            setattr(self, spec.attr, family)
+        if registry is not None:
+            for family in families:
+                name = _register(registry, family)
+                if name is not None:
+                    self.unregistered.append(name)
+            if self.unregistered:
+                self.internal_errors.labels("metric_name_taken").inc(len(self.unregistered))
         self.inflight_connected = self.inflight.labels("connected")
         self.inflight_disconnected = self.inflight.labels("disconnected")
         self.in_flight = InFlight(self.inflight_connected, self.inflight_disconnected)
         self._requests_children: dict[tuple[str, str], Any] = {}
-        self._models: set[str] = set()
-        self._lock = threading.Lock()
+        self.model_label = ModelLabels()
 
     def count_request(self, route: str, method: str) -> None:
         key = (route, method)
@@ -150,8 +91,18 @@ class Metrics:
             inc = self._requests_children[key] = _fast_inc(self.requests.labels(route, method))
         inc()
 
-    def model_label(self, model: str | None) -> str:
-        """Cap model label values at MAX_MODELS per process; later ones become ``other``."""
+
+class ModelLabels:
+    """``model`` label values, shared by both sinks: at most MAX_MODELS distinct per process,
+    later ones become ``other`` (a model name comes from requests, so it must be bounded)."""
+
+    __slots__ = ("_lock", "_models")
+
+    def __init__(self) -> None:
+        self._models: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, model: str | None) -> str:
         if not model:
             return "unknown"
         if model in self._models:
@@ -175,21 +126,31 @@ class InFlight:
     ``disconnected(state)``: its client left (a zombie until it ends); ``zombie_ended(state)``.
     """
 
-    __slots__ = ("arrived", "disconnected", "left", "zombie_ended")
+    __slots__ = ("arrived", "disconnected", "left", "live", "zombie_ended", "zombies")
 
     arrived: Callable[[object], None]
     left: Callable[[object], None]
     disconnected: Callable[[object], None]
     zombie_ended: Callable[[object], None]
+    # The live sets, read at collection time (the OpenTelemetry sink's observable instrument
+    # reads them too); None when the gauges are moved per request.
+    live: set[object] | None
+    zombies: set[object] | None
 
-    def __init__(self, connected: Any, disconnected: Any) -> None:
-        if _multiprocess():
+    def __init__(self, connected: Any, disconnected: Any, use_gauges: bool | None = None) -> None:
+        """``connected``/``disconnected``: prometheus-client gauge children, or None (sets only)."""
+        if use_gauges is None:
+            use_gauges = _multiprocess() and connected is not None
+        if use_gauges:
+            self.live = self.zombies = None
             self._use_gauges(connected, disconnected)
             return
         live: set[object] = set()
         zombies: set[object] = set()
-        connected.set_function(live.__len__)
-        disconnected.set_function(zombies.__len__)
+        self.live, self.zombies = live, zombies
+        if connected is not None:
+            connected.set_function(live.__len__)
+            disconnected.set_function(zombies.__len__)
 
         def moved(state: object) -> None:
             live.discard(state)
@@ -235,13 +196,47 @@ def _fast_dec(child: Any) -> Any:
     return functools.partial(inc, -1) if inc is not None else child.dec
 
 
+def _register(registry: CollectorRegistry, metric: Any) -> str | None:
+    """Register one family; its name, with one log line, when the name is taken.
+
+    The family then still works (the package updates it as usual) but is not exported through
+    this registry: otel-disconnect never takes over, or adds samples to, another collector's
+    series. The other families are registered as usual.
+    """
+    try:
+        registry.register(metric)
+        return None
+    except Exception as exc:
+        name = str(metric.describe()[0].name)
+        logger.error(
+            "otel-disconnect: metric %s is not exported by %r: %s. Another collector in that "
+            "registry already uses the name (a second copy of otel-disconnect, or another "
+            "library); the rest of otel-disconnect's metrics are unaffected.",
+            name,
+            registry,
+            exc,
+        )
+        return name
+
+
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
+# The sink a middleware chose for a registry key (telemetry.sinks), when not this registry's own.
+_selected: weakref.WeakKeyDictionary[CollectorRegistry, Any] = weakref.WeakKeyDictionary()
 _create_lock = threading.Lock()
 
 
-def metrics_for(registry: CollectorRegistry | None = None) -> Metrics:
-    """The Metrics bound to ``registry`` (the global REGISTRY when None), created once."""
+def metrics_for(registry: CollectorRegistry | None = None) -> Any:
+    """The sink chosen for ``registry`` (the global REGISTRY when None): the prometheus-client
+    ``Metrics`` bound to it, created once, unless a middleware chose another sink for it."""
     reg = REGISTRY if registry is None else registry
+    selected = _selected.get(reg)
+    if selected is not None:
+        return selected
+    return prometheus_metrics(reg)
+
+
+def prometheus_metrics(reg: CollectorRegistry) -> Metrics:
+    """The prometheus-client sink bound to ``reg``, created once."""
     found = _by_registry.get(reg)
     if found is not None:
         return found
@@ -250,6 +245,14 @@ def metrics_for(registry: CollectorRegistry | None = None) -> Metrics:
         if found is None:
             found = _by_registry[reg] = Metrics(reg)
         return found
+
+
+def select(reg: CollectorRegistry, sink: Any) -> None:
+    """Make ``sink`` what ``metrics_for(reg)`` returns from now on."""
+    if isinstance(sink, Metrics) and _by_registry.get(reg) is sink:
+        _selected.pop(reg, None)
+    else:
+        _selected[reg] = sink
 
 
 def multiprocess_mode() -> bool:

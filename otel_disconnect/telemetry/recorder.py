@@ -1,8 +1,11 @@
 """Turns a RequestState into span attributes and metric updates, at three moments.
 
-- start: the request is in flight (the middleware increments the gauge itself);
-- disconnect: the client left prematurely (span event, gauges, client wait);
+- start: the request is in flight;
+- disconnect: the client left prematurely (span event, client wait);
 - end: the app task ended (counters, histograms, span attributes unless already written).
+
+The in-flight gauges are not moved here: the middleware moves them itself, in the one
+``finally`` that ends every request, so no error in recording can leave them wrong.
 
 Integrations (tokens, database) keep per-request objects in ``state.extras``; each may implement
 ``on_disconnect(state)``, ``span_attributes(state) -> dict`` and ``record_end(state, metrics,
@@ -30,7 +33,6 @@ class Recorder:
         m = self.metrics
         # For tokens a producer counts after the request ended (llm.account): off the hot path.
         state.metrics = m
-        m.in_flight.disconnected(state)
         route = state.route = route_template(state.scope)
         offset = state.offset_s or 0.0
         m.client_wait.labels(route).observe(offset)
@@ -40,8 +42,6 @@ class Recorder:
             {spans.PHASE: state.phase, spans.DETECTED_BY: state.detected_by or ""},
             int((state.disconnected_at or time.time()) * 1e9),
         )
-        for listener in state.disconnect_listeners():
-            listener(state)
         if state.extras:
             for extra in list(state.extras.values()):
                 hook = getattr(extra, "on_disconnect", None)
@@ -56,7 +56,7 @@ class Recorder:
         if not spans.recording(state.span):
             return
         attrs: dict[str, Any] = {}
-        if state.disconnected:
+        if state.detected_perf is not None:
             detected = state.detected_perf or work_end_perf
             attrs.update(
                 {
@@ -88,7 +88,6 @@ class Recorder:
         route = state.route = route_template(state.scope)
         m.count_request(route, state.method)
         if state.detected_perf is not None:
-            m.in_flight.zombie_ended(state)
             outcome = state.outcome or "completed"
             m.client_disconnects.labels(route, state.method, state.phase, outcome).inc()
             m.work_after_disconnect.labels(route, outcome).observe(
@@ -98,8 +97,6 @@ class Recorder:
                 m.sends_after_disconnect.labels(route).inc(state.sends_dropped)
             if state.bytes_dropped:
                 m.bytes_after_disconnect.labels(route).inc(state.bytes_dropped)
-        else:
-            m.in_flight.left(state)
         if state.detected_perf is not None or state.extras:
             self.write_span(state, now)
         if state.extras:

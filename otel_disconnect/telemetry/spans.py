@@ -84,3 +84,29 @@ def _span_reader() -> Callable[[], Any]:
 
 
 current_span: Callable[[], Any] = _span_reader()
+
+
+def exemplar_context(span: Any) -> Any:
+    """A context holding only ``span``'s identity (no attributes, nothing of the request), for
+    an observation made later from outside the request; None when there is no sampled span."""
+    try:
+        span_context = span.get_span_context()
+        if not span_context.is_valid:
+            return None
+        return trace.set_span_in_context(trace.NonRecordingSpan(span_context))
+    except Exception:
+        return None
+
+
+def in_context(context: Any, call: Callable[[float], Any], value: float) -> None:
+    """``call(value)`` with ``context`` current (as is, when None)."""
+    if context is None:
+        call(value)
+        return
+    from opentelemetry import context as otel_context
+
+    token = otel_context.attach(context)
+    try:
+        call(value)
+    finally:
+        otel_context.detach(token)

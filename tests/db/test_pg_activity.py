@@ -162,3 +162,65 @@ def test_pg_exporter_command(pg: EmbeddedPostgres, sessions: list[Any]) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
+
+
+# -- where the engine connects, the collector connects -----------------------------------------
+
+URL_CASES = [
+    (
+        "postgresql+asyncpg://u:p%40ss@db:5433/app?ssl=require&prepared_statement_cache_size=0",
+        {"host": "db", "port": "5433", "dbname": "app", "user": "u", "password": "p@ss",
+         "sslmode": "require"},
+    ),
+    ("postgresql+psycopg://u@/app?host=/run/postgresql",
+     {"host": "/run/postgresql", "dbname": "app", "user": "u"}),
+    (
+        "postgresql+psycopg://u@/app?host=db1:5432&host=db2:5433&target_session_attrs=read-write",
+        {"host": "db1,db2", "port": "5432,5433", "dbname": "app", "user": "u",
+         "target_session_attrs": "read-write"},
+    ),
+    (
+        "postgresql://u@[::1]:5432/app?sslmode=verify-full&sslrootcert=/ca.pem&client_encoding=utf8",
+        {"host": "::1", "port": "5432", "dbname": "app", "user": "u", "sslmode": "verify-full",
+         "sslrootcert": "/ca.pem", "client_encoding": "utf8"},
+    ),
+    ("postgresql+psycopg://u@/app?host=/tmp/pg&port=6000",
+     {"host": "/tmp/pg", "port": "6000", "dbname": "app", "user": "u"}),
+]
+
+
+@pytest.mark.parametrize(("url", "expected"), URL_CASES, ids=[u for u, _ in URL_CASES])
+def test_engine_urls_become_libpq_parameters(url: str, expected: dict[str, str]) -> None:
+    from sqlalchemy.engine import make_url
+
+    from otel_disconnect.db.libpq_url import conninfo, conninfo_params
+
+    assert conninfo_params(make_url(url)) == expected
+    parsed = psycopg.conninfo.conninfo_to_dict(conninfo(make_url(url)))
+    assert parsed == expected
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_collector_follows_an_engine_on_a_unix_socket(driver: str) -> None:
+    """A PostgreSQL that listens on a Unix socket only, as many hosts run it."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    server = EmbeddedPostgres(tcp=False)
+    try:
+        server.start()
+        url = (
+            f"postgresql+{driver}://postgres@/postgres"
+            f"?host={server.socket_dir}&port={server.port}"
+        )
+        engine: Any = create_async_engine(url) if driver == "asyncpg" else create_engine(url)
+        with pytest.raises(psycopg.OperationalError):  # no TCP listener
+            psycopg.connect(f"host=127.0.0.1 port={server.port} user=postgres", connect_timeout=2)
+        collector = PgActivityCollector(engine, registry=None)
+        try:
+            up = {m.name: m for m in collector.collect()}["otel_disconnect_pg_up"]
+            assert up.samples[0].value == 1
+        finally:
+            collector.close()
+    finally:
+        server.destroy()

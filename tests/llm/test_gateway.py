@@ -93,7 +93,8 @@ def test_leaky_gateway_counts_what_it_reads_after_the_client_left(telemetry: Tel
     assert attrs["disconnect.detected"] is True
     assert attrs["disconnect.llm.upstream_streams_open"] == 1  # still read after the request
     assert attrs["gen_ai.usage.output_tokens"] < 60  # the span saw only tokens until the end
-    assert "disconnect.tokens_estimated" not in attrs
+    # ... counted by chunks, before the usage chunk could confirm them: an estimate.
+    assert attrs["disconnect.tokens_estimated"] is True
 
 
 def test_propagating_gateway_reads_next_to_nothing_after(telemetry: Telemetry) -> None:

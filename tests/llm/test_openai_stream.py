@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from otel_disconnect.llm import openai_stream
 from otel_disconnect.llm.openai_stream import (
     FOREIGN_EVENTS,
+    MAX_JSON_BYTES,
+    MAX_USAGE,
     JSONUsageParser,
     SSEUsageParser,
     foreign_event,
+    usage_figure,
 )
 
 
@@ -253,3 +259,166 @@ def test_foreign_event_verdicts() -> None:
     assert foreign_event(b"data: 1\n\ndata: 2\n\n") is None  # two events
     assert foreign_event(b"data: 1\n") is None  # not at an event boundary
     assert foreign_event(b"data: 1\r\n\r\n") is None
+
+
+# -- the byte scan against the JSON parser --------------------------------------------------------
+
+_texts = st.one_of(
+    st.none(), st.just(""), st.text(max_size=12),
+    st.sampled_from(['"content":"x"', "}", "]}", '\\', '"}],"usage":{"completion_tokens":9}}',
+                     "\n\ndata: ", "{", "tok"]),
+)
+_tool_calls = st.lists(
+    st.fixed_dictionaries({"index": st.integers(0, 2), "type": st.just("function")}, optional={
+        "function": st.one_of(st.none(), st.fixed_dictionaries({}, optional={
+            "name": st.one_of(st.none(), st.just(""), st.text(max_size=5)),
+            "arguments": _texts,
+        })),
+    }),
+    max_size=2,
+)
+_delta = st.fixed_dictionaries({}, optional={
+    "role": st.just("assistant"), "content": _texts, "reasoning_content": _texts,
+    "reasoning": _texts, "refusal": _texts, "tool_calls": _tool_calls,
+})
+_logprobs = st.one_of(st.none(), st.builds(
+    lambda t: {"content": [{"token": t, "logprob": -0.5, "bytes": [116]}]}, st.text(max_size=4)))
+_chat_choice = st.builds(
+    lambda i, d, lp, fr: {"index": i, "delta": d, "logprobs": lp, "finish_reason": fr},
+    st.integers(0, 3), _delta, _logprobs, st.sampled_from([None, "stop", "length"]))
+_text_choice = st.builds(lambda i, t: {"index": i, "text": t, "logprobs": None},
+                         st.integers(0, 3), _texts)
+_usage_values = st.one_of(st.none(), st.builds(
+    lambda n, c: {"prompt_tokens": 3, "completion_tokens": n, **({"total_tokens": 9} if c else {})},
+    st.integers(-3, 2**40), st.booleans()))
+
+
+@st.composite
+def _openai_chunks(draw: st.DrawFn) -> bytes:
+    """One event of an OpenAI-compatible stream as servers write it, in a layout and order the
+    scan may or may not decide (then the parser does)."""
+    choice = _chat_choice if draw(st.booleans()) else _text_choice
+    obj: dict[str, object] = {"id": "chatcmpl-1", "object": "chat.completion.chunk",
+                              "created": 1764547200, "model": draw(st.text(max_size=8))}
+    obj["choices"] = draw(st.lists(choice, max_size=2))
+    if draw(st.booleans()):
+        obj["usage"] = draw(_usage_values)
+    if draw(st.booleans()):
+        obj["obfuscation"] = draw(st.text(max_size=6))
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+    text = json.dumps(obj, separators=separators, ensure_ascii=draw(st.booleans()))
+    return b"data: " + text.encode() + b"\n\n"
+
+
+@st.composite
+def _token_streams(draw: st.DrawFn) -> list[bytes]:
+    """A stream whose token chunks share every byte but their content (what vLLM sends): the
+    template path, interleaved with other chunks."""
+    model = draw(st.text(max_size=8))
+    contents = draw(st.lists(_texts, min_size=1, max_size=12))
+    others = draw(st.lists(_openai_chunks(), max_size=3))
+    events = [
+        b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 1,
+                                "model": model, "choices": [{"index": 0, "delta": {"content": c},
+                                "logprobs": None, "finish_reason": None}]},
+                               separators=(",", ":")).encode() + b"\n\n"
+        for c in contents
+    ]
+    for other in others:
+        events.insert(draw(st.integers(0, len(events))), other)
+    return events
+
+
+def _parsed_only() -> contextlib.AbstractContextManager[object]:
+    """The JSON parser reads every chunk event: the reference the byte scan must agree with."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(openai_stream, "quick_count", lambda *a: None))
+    stack.enter_context(mock.patch.object(SSEUsageParser, "_learn", lambda self, data: None))
+    return stack
+
+
+def _read(events: list[bytes]) -> tuple[object, ...]:
+    parser = SSEUsageParser()
+    for event in events:
+        parser.feed(event)
+    return (parser.counted, parser.usage_total, parser.model, parser.done, parser.malformed,
+            parser.by_chunks)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.lists(_openai_chunks(), max_size=8), _token_streams()))
+def test_byte_scan_counts_what_the_parser_counts(events: list[bytes]) -> None:
+    scanned = _read(events)
+    with _parsed_only():
+        parsed = _read(events)
+    assert scanned == parsed
+
+
+def _vllm_stream(tokens: int) -> list[bytes]:
+    head = ('{"id":"chatcmpl-0","object":"chat.completion.chunk","created":1,"model":"m-v",'
+            '"choices":[{"index":0,"delta":')
+    tail = ',"logprobs":null,"finish_reason":null}]}'
+    events = [head + '{"role":"assistant","content":""}' + tail]
+    events += [head + json.dumps({"content": f" t{i}"}, separators=(",", ":")) + tail
+               for i in range(tokens)]
+    events.append('{"id":"chatcmpl-0","object":"chat.completion.chunk","created":1,'
+                  f'"model":"m-v","choices":[],"usage":{{"completion_tokens":{tokens}}}}}')
+    return [b"data: " + e.encode() + b"\n\n" for e in [*events, "[DONE]"]]
+
+
+def test_token_chunks_are_never_parsed() -> None:
+    """Only the event that carries a usage figure goes through json.loads."""
+    parser = SSEUsageParser()
+    with mock.patch.object(openai_stream.json, "loads", wraps=json.loads) as loads:
+        counted = sum(parser.feed(event) for event in _vllm_stream(50))
+    assert counted == 50 and parser.usage_total == 50 and parser.model == "m-v"
+    assert parser.done and loads.call_count == 1
+
+
+# -- usage figures: one rule for every path ---------------------------------------------
+
+_figures = st.one_of(
+    st.integers(-5, 2**31 + 5).map(str),
+    st.integers(min_value=2**31 - 3, max_value=10**40).map(str),
+    st.floats(allow_nan=False).map(json.dumps),
+    st.sampled_from(["1e30", "12.5", "12.0", "-0", "0", "1E2", "2147483647", "2147483648",
+                     "1" * 400, "9" * 5000, "true", "false", "null", '"5"', "[5]", '{"n":1}',
+                     "-1", "01", "NaN", "Infinity"]),
+)
+
+
+def _expected(figure: str) -> int | None:
+    try:
+        value = json.loads(figure)
+    except ValueError:
+        return None
+    return value if type(value) is int and 0 <= value <= MAX_USAGE else None
+
+
+@settings(max_examples=150, deadline=None)
+@given(_figures)
+def test_usage_figures_read_alike_on_every_path(figure: str) -> None:
+    usage = '{"prompt_tokens":2,"completion_tokens":' + figure + "}"
+    body = ('{"model":"m","choices":[{"message":{"content":"' + "w" * 3000 + '"}}],"usage":'
+            + usage + "}").encode()
+    small = JSONUsageParser()
+    small.feed(body)
+    large = JSONUsageParser(max_buffer=1024)  # past it only the tail is searched
+    for i in range(0, len(body), 700):
+        large.feed(body[i : i + 700])
+    sse = SSEUsageParser()
+    sse.feed(b'data: {"choices":[],"usage":' + usage.encode() + b"}\n\n")
+    expected = _expected(figure)
+    assert small.finish() == large.finish() == sse.usage_total == expected
+    if expected is None:
+        assert small.malformed == large.malformed == sse.malformed == 1
+
+
+def test_usage_figures_that_are_not_token_counts() -> None:
+    for figure in ("1e30", "12.5", str(10**400), "-1", str(2**31)):
+        body = ('{"usage":{"completion_tokens":' + figure + "}}").encode()
+        big = b'{"choices":[{"text":"' + b"x" * (MAX_JSON_BYTES + 10) + b'"}],' + body[1:]
+        parser = JSONUsageParser()
+        parser.feed(big)
+        assert parser.finish() is None and parser.malformed == 1, figure
+    assert usage_figure(2**31 - 1) == 2**31 - 1 and usage_figure(True) is None

@@ -37,7 +37,9 @@ def test_stream_cut_after_k_tokens(path: str, telemetry: Telemetry) -> None:
     # Detected within milliseconds of the close, while tokens come every 25 ms.
     assert attrs["disconnect.tokens_after"] <= 1
     assert close_to(attrs["disconnect.tokens_undelivered"], record.generated - received)
-    assert "disconnect.tokens_estimated" not in attrs
+    # Counted one token per chunk with no usage figure to confirm it: an estimate (the simulator
+    # sends one token a chunk, but a vLLM stream may carry several).
+    assert attrs["disconnect.tokens_estimated"] is True
     metrics = token_metrics(telemetry, path, "m-stream")
     assert metrics["total"] == attrs["gen_ai.usage.output_tokens"]
     assert metrics["after"] == attrs["disconnect.tokens_after"]

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from otel_disconnect import DisconnectMiddleware
@@ -33,7 +33,9 @@ async def listen_for_disconnect(request: Request) -> None:
 
 
 def with_cancellation(handler_func: Any) -> Any:
-    """As vLLM's: race the handler against a disconnect listener, cancel the loser."""
+    """As vLLM's (``vllm/entrypoints/serve/utils/api_utils.py`` in 0.33): race the handler
+    against a disconnect listener, cancel the loser, and answer an empty ``Response()`` when the
+    client won (it skips response-model validation). The real one runs in tests/engines."""
 
     @functools.wraps(handler_func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,7 +49,7 @@ def with_cancellation(handler_func: Any) -> Any:
             task.cancel()
         if handler_task in done:
             return handler_task.result()
-        return None
+        return Response()
 
     return wrapper
 
@@ -114,10 +116,15 @@ def _request(user: str, stream: bool) -> dict[str, Any]:
             "messages": [{"role": "user", "content": "hi"}]}
 
 
-def _disconnects(telemetry: Telemetry, phase: str) -> float:
+def _disconnects(telemetry: Telemetry, phase: str, outcome: str) -> float:
+    return telemetry.value("otel_disconnect_client_disconnects_total", route=ROUTE, method="POST",
+                           phase=phase, outcome=outcome)
+
+
+def _all_disconnects(telemetry: Telemetry) -> float:
     return sum(
-        telemetry.value("otel_disconnect_client_disconnects_total", route=ROUTE, method="POST",
-                        phase=phase, outcome=outcome)
+        _disconnects(telemetry, phase, outcome)
+        for phase in ("request_body", "before_response", "streaming")
         for outcome in ("completed", "cancelled", "error")
     )
 
@@ -131,8 +138,9 @@ def test_streaming_cut_short(telemetry: Telemetry) -> None:
         received = read_tokens(client, 8)
         client.close()
         record = wait_for(lambda: (r := engine.find("s")) is not None and r.done and r)
-        wait_for(lambda: _disconnects(telemetry, "streaming") == 1)
+        wait_for(lambda: _all_disconnects(telemetry) == 1)
 
+    assert _disconnects(telemetry, "streaming", "cancelled") == 1
     assert record.aborted
     metrics = token_metrics(telemetry, ROUTE, "m-vllm")
     assert close_to(metrics["total"], record.generated)
@@ -158,8 +166,10 @@ def test_non_streaming_completed_and_cancelled(telemetry: Telemetry) -> None:
             wait_for(lambda: (r := engine.find("gone")) is not None and r.generated >= 3)
             client.close()
             record = wait_for(lambda: (r := engine.find("gone")) is not None and r.done and r)
-        wait_for(lambda: _disconnects(telemetry, "before_response") == 1)
+        wait_for(lambda: _all_disconnects(telemetry) == 1)
 
+    # The handler was cancelled and vLLM answered an empty Response(): the work stopped.
+    assert _disconnects(telemetry, "before_response", "cancelled") == 1
     # with_cancellation cancelled the handler and the engine aborted: the tokens it generated
     # never left the engine, so the middleware (which sees HTTP only) counts none of them.
     assert record.aborted and record.generated < 400
@@ -202,3 +212,7 @@ def test_producer_whose_first_token_comes_after_the_request_ended(telemetry: Tel
 
     metrics = token_metrics(telemetry, "/late", "m-late")
     assert metrics == {"total": 20, "after": 20, "undelivered": 20, "generation_after_count": 1}
+    # with_cancellation answered its empty Response() for the cancelled handler.
+    outcome = {"route": "/late", "method": "POST", "phase": "before_response"}
+    assert telemetry.value("otel_disconnect_client_disconnects_total", **outcome,
+                           outcome="cancelled") == 1

@@ -13,13 +13,16 @@ from tests.servers import free_port, wait_for
 
 
 class Process:
-    def __init__(self, name: str, argv: list[str], workdir: Path, port: int) -> None:
+    def __init__(
+        self, name: str, argv: list[str], workdir: Path, port: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.port = port
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=workdir)
+                                     cwd=workdir, env=env)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,225 @@
+"""Token counts from vLLM's engine, inside vLLM's API server process (the ``engine`` source).
+
+vLLM's ``OutputProcessor`` (``vllm.v1.engine.output_processor``) turns every engine step into
+``RequestOutput``s: each ``EngineCoreOutput`` it processes carries the step's ``new_token_ids``
+for one request, whatever the request asked for (streamed deltas, or only the final output of a
+non-streaming request). Three methods of it are wrapped:
+
+- ``add_request``: runs in the HTTP request's task (``AsyncLLM.generate`` → ``add_request``), so
+  ``current()`` is that request: its engine request id is tied to the request's token account and
+  ``state.extras[ENGINE_KEY]`` is set at once (the response and upstream parsers skip the body
+  then: the engine's count is exact, theirs would be a second, worse one).
+- ``process_outputs``: counts ``len(new_token_ids)`` per tied request, per step (a dict lookup and
+  a ``len`` per engine output): exact with several tokens per step (speculative decoding, merged
+  deltas), and for non-streaming requests too.
+- ``abort_requests``: a tied request that vLLM aborts (its client left, ``with_cancellation``
+  cancelled the handler, ``generate`` was closed) is marked ``engine_abort`` (outcome
+  ``cancelled``) and counted in ``otel_disconnect_llm_engine_aborted_requests_total`` and
+  ``otel_disconnect_llm_engine_aborted_tokens_total`` (tokens it had generated), by model and
+  phase. A request aborted while still queued generated 0 tokens and counts 0.
+
+The model label is vLLM's served model name, read from the ``AsyncLLM`` in ``generate`` (no
+wrapper around the generator it returns) into ``state.extras[ENGINE_KEY]``. vLLM is never
+imported here: the classes are patched when vLLM imports its module (a post-import hook), or at
+once when it already has. Each wrapper keeps the original under ``_otel_disconnect_original``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import time
+import types
+from typing import Any
+
+import wrapt
+
+from ..failsafe import internal_error
+from ..state import STOPPED_ENGINE_ABORT, RequestState, current
+from ..telemetry.metrics import metrics_for
+from .account import ENGINE, ENGINE_KEY, Segment, TokenAccount, account_for
+
+OUTPUT_PROCESSOR = "vllm.v1.engine.output_processor"
+ASYNC_LLM = "vllm.v1.engine.async_llm"
+_MARK = "_otel_disconnect_original"
+_lock = threading.RLock()
+PHASE_CONNECTED = "connected"  # aborted while the client was still there (an error, a stop)
+
+
+class EngineRequest:
+    """One engine request tied to an HTTP request: its segment of the token account."""
+
+    __slots__ = ("account", "model", "segment", "state")
+
+    def __init__(self, state: RequestState, model: str | None) -> None:
+        self.state = state
+        self.account: TokenAccount = account_for(state)
+        self.account.set_model(model, explicit=True)
+        self.model = model
+        self.segment = Segment(time.perf_counter())
+        self.account.tally(ENGINE).add_segment(self.segment, state.detected_perf)
+
+    def counted(self, n: int) -> None:
+        self.account.counted(self.state, self.segment, n, delivered=False)
+
+    def finished(self) -> None:
+        self.account.tally(ENGINE).close(self.segment, self.state.detected_perf)
+        if self.state.ended:
+            self.account.late(self.state)
+
+    def aborted(self) -> None:
+        state = self.state
+        state.note_work_stopped(STOPPED_ENGINE_ABORT)
+        tokens = self.segment.counted
+        metrics = state.metrics or metrics_for(None)
+        phase = state.phase if state.detected_perf is not None else PHASE_CONNECTED
+        model = metrics.model_label(self.model)
+        metrics.llm_engine_aborted_requests.labels(model, phase).inc()
+        if tokens:
+            metrics.llm_engine_aborted_tokens.labels(model, phase).inc(tokens)
+        self.finished()
+
+
+# Engine request id -> its EngineRequest, from add_request until it finishes or is aborted.
+_live: dict[str, EngineRequest] = {}
+
+
+class _Hooks:
+    registered = False
+    enabled = False
+
+
+def instrument_vllm_engine() -> bool:
+    """Patch vLLM's output processor once per process; False when vLLM is not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    with _lock:
+        _Hooks.enabled = True
+        if not _Hooks.registered:
+            _Hooks.registered = True
+            wrapt.register_post_import_hook(_on_import, OUTPUT_PROCESSOR)
+            wrapt.register_post_import_hook(_on_import, ASYNC_LLM)
+        for name in (OUTPUT_PROCESSOR, ASYNC_LLM):
+            mod = sys.modules.get(name)
+            if mod is not None:
+                _patch(mod)
+    return True
+
+
+def _on_import(mod: types.ModuleType) -> None:
+    try:
+        with _lock:
+            if _Hooks.enabled:
+                _patch(mod)
+    except Exception:
+        internal_error("vllm_engine")
+
+
+def _patch(mod: types.ModuleType) -> None:
+    if mod.__name__ == OUTPUT_PROCESSOR:
+        _patch_output_processor(mod.OutputProcessor)
+    elif mod.__name__ == ASYNC_LLM:
+        _patch_async_llm(mod.AsyncLLM)
+
+
+def _patch_async_llm(cls: Any) -> None:
+    original = cls.generate
+    if hasattr(original, _MARK):
+        return
+
+    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = current()
+        if state is not None:
+            try:
+                name = self.model_config.served_model_name
+                if isinstance(name, (list, tuple)):
+                    name = name[0] if name else None
+                mark: EngineMark = state.extra(ENGINE_KEY, EngineMark)
+                if name and mark.model is None:
+                    mark.model = str(name)
+            except Exception:
+                internal_error("vllm_engine")
+        return original(self, *args, **kwargs)
+
+    setattr(generate, _MARK, original)
+    cls.generate = generate
+
+
+def _patch_output_processor(cls: Any) -> None:
+    if hasattr(cls.process_outputs, _MARK):
+        return
+    original_add = cls.add_request
+    original_process = cls.process_outputs
+    original_abort = cls.abort_requests
+
+    def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original_add(self, request, *args, **kwargs)
+        state = current()
+        if state is not None:
+            try:
+                request_id = request.request_id
+                if request_id not in _live:
+                    mark: EngineMark = state.extra(ENGINE_KEY, EngineMark)
+                    _live[request_id] = EngineRequest(state, mark.model)
+            except Exception:
+                internal_error("vllm_engine")
+        return result
+
+    def process_outputs(self: Any, engine_core_outputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if _live:
+            try:
+                live = _live
+                for output in engine_core_outputs:
+                    found = live.get(output.request_id)
+                    if found is not None:
+                        n = len(output.new_token_ids)
+                        state = found.state
+                        if state.detected_perf is None and not state.ended:
+                            # The hot path, in vLLM's output loop: nothing to split yet, no
+                            # lock (record_tokens() threads never touch an engine segment).
+                            found.segment.counted += n
+                        elif n:
+                            found.counted(n)
+                        reason = output.finish_reason
+                        if reason is not None:
+                            del live[output.request_id]
+                            if getattr(reason, "name", "") == "ABORT":
+                                found.aborted()  # the engine itself gave up on it
+                            else:
+                                found.finished()
+            except Exception:
+                internal_error("vllm_engine")
+        return original_process(self, engine_core_outputs, *args, **kwargs)
+
+    def abort_requests(self: Any, *args: Any, **kwargs: Any) -> Any:
+        aborted = original_abort(self, *args, **kwargs)
+        if _live:
+            try:
+                for request_id in aborted or ():
+                    found = _live.pop(request_id, None)
+                    if found is not None:
+                        found.aborted()
+            except Exception:
+                internal_error("vllm_engine")
+        return aborted
+
+    for wrapper, wrapped in (
+        (add_request, original_add),
+        (process_outputs, original_process),
+        (abort_requests, original_abort),
+    ):
+        setattr(wrapper, _MARK, wrapped)
+    cls.add_request = add_request
+    cls.process_outputs = process_outputs
+    cls.abort_requests = abort_requests
+
+
+class EngineMark:
+    """``state.extras[ENGINE_KEY]``: the engine counts this request's tokens (the response and
+    upstream parsers skip it); the served model name its ``AsyncLLM`` reported."""
+
+    __slots__ = ("model",)
+
+    def __init__(self) -> None:
+        self.model: str | None = None
