@@ -401,12 +401,26 @@ class EngineHooks:
             conn.tx = IDLE_IN_TRANSACTION
             conn.tx_start = time.time()
             try:
-                return original(dbapi_connection)
+                result = original(dbapi_connection)
             except BaseException:
                 conn.tx, conn.tx_start = before  # no transaction began
                 raise
+            owner = conn.owner
+            if owner is not None and (owner.detected_perf is not None or owner.ended):
+                # Work that goes on after its client left (or after its request ended) may
+                # begin a transaction only then, e.g. once its first connection is made: the
+                # snapshot at detection or at the end did not see it, so the fleet hears of it.
+                hooks.claim_late(conn, owner)
+            return result
 
         return do_begin
+
+    def claim_late(self, conn: ConnState, owner: RequestState) -> None:
+        try:
+            if fleet.current() is not None and conn.pid is not None:
+                fleet.claim(conn, "ended" if owner.ended else "disconnected", owner)
+        except Exception:
+            internal_error("db_begin", self.registry)
 
     def _begin_twophase(self, original: Any) -> Any:
         lookup = self._lookup_connection

@@ -1,8 +1,8 @@
 """Two app processes and one standalone ``otel-disconnect pg-exporter --redis-url`` on a real
-PostgreSQL: a transaction held by a request whose client left (one process) or left open by a
-request that ended (the other) appears in the exporter's orphan series with the right owner
-within one scrape after the exporter heard the event, is logged once with its trace id, and
-disappears when the backend goes."""
+PostgreSQL: a transaction held by a request whose client left (one process: begun before the
+client left, or only after it) or left open by a request that ended (the other) appears in the
+exporter's orphan series with the right owner within one scrape after the exporter heard the
+event, is logged once with its trace id, and disappears when the backend goes."""
 
 from __future__ import annotations
 
@@ -42,14 +42,23 @@ def exporter(pg_url: str, redis_url: str, log: Path) -> Iterator[int]:
             proc.wait(timeout=30)
 
 
-def backend(pg_url: str, app_name: str) -> tuple[int, str] | None:
+def backend(pg_url: str, app_name: str) -> tuple[int, str, str] | None:
     import psycopg
 
     with psycopg.connect(pg_url, autocommit=True) as conn:
         row = conn.execute(
-            "SELECT pid, state FROM pg_stat_activity WHERE application_name = %s", (app_name,)
+            "SELECT pid, state, query FROM pg_stat_activity WHERE application_name = %s",
+            (app_name,),
         ).fetchone()
-    return (int(row[0]), str(row[1])) if row else None
+    return (int(row[0]), str(row[1]), str(row[2])) if row else None
+
+
+def in_request_transaction(pg_url: str, app_name: str) -> tuple[int, str, str] | None:
+    """The backend once the request's own statement ran in its transaction. Not just "idle in
+    transaction": SQLAlchemy's first connect runs its own queries in a transaction, before the
+    pool hands the connection to the request."""
+    b = backend(pg_url, app_name)
+    return b if b and b[1] == "idle in transaction" and "pg_backend_pid" in b[2] else None
 
 
 def terminate(pg_url: str, pid: int) -> None:
@@ -70,12 +79,6 @@ def heard(port: int) -> float:
     return value(scrape(port), "otel_disconnect_fleet_events_received_total", 'kind="orphan"')
 
 
-@pytest.mark.xfail(
-    reason="not yet passing: with the asyncpg engine in the app process the fleet reader's XREAD "
-    "fails ('Connection closed by server') and the exporter never hears the orphan; under "
-    "investigation (issue 15)",
-    strict=False,
-)
 @pytest.mark.timeout(300)
 def test_orphans_of_two_processes_in_one_exporter(
     pg_url: str, redis_server: RedisServer, tmp_path: Path
@@ -97,31 +100,41 @@ def test_orphans_of_two_processes_in_one_exporter(
         # Process a: the client leaves while its request holds a transaction.
         with RawClient(app_a) as client:
             client.request("GET", "/hold_tx")
-            found = wait_for(lambda: (b := backend(pg_url, "fleet-a")) and
-                             b[1] == "idle in transaction" and b, timeout=30)
-        pid_a = found[0]
+            pid_a = wait_for(lambda: in_request_transaction(pg_url, "fleet-a"), timeout=30)[0]
         wait_for(lambda: heard(port) >= 1, 30)
         assert orphans(port, "fleet-a", "disconnected") == 1  # the next scrape has it
         assert orphans(port, "fleet-a", "ended") == 0
+        # Still process a: the client leaves first, the zombie request begins its transaction
+        # after that (nothing held at detection): claimed when the transaction begins.
+        with RawClient(app_a) as client:
+            client.request("GET", "/late_tx")
+            wait_for(lambda: value(scrape(app_a), "otel_disconnect_inflight_requests",
+                                   'client="connected"') == 1, 30)
+        pid_late = wait_for(lambda: in_request_transaction(pg_url, "fleet-a-late"), 30)[0]
+        wait_for(lambda: heard(port) >= 2, 30)
+        assert orphans(port, "fleet-a-late", "disconnected") == 1
+        assert orphans(port, "fleet-a", "disconnected") == 1
         # Process b: a request ends and leaves its transaction open (a leak).
         with RawClient(app_b) as client:
             client.request("GET", "/leak_tx", headers={"Connection": "close"})
             client.read_all()
         pid_b = wait_for(lambda: backend(pg_url, "fleet-b"), timeout=30)[0]
-        wait_for(lambda: heard(port) >= 2, 30)
+        wait_for(lambda: heard(port) >= 3, 30)
         assert orphans(port, "fleet-b", "ended") == 1
         assert orphans(port, "fleet-a", "disconnected") == 1
         # Scraped again and again, each orphan is logged once, with its trace id.
         for _ in range(3):
             scrape(port)
         text = log.read_text()
-        for pid, route in ((pid_a, "/hold_tx"), (pid_b, "/leak_tx")):
+        for pid, route in ((pid_a, "/hold_tx"), (pid_late, "/late_tx"), (pid_b, "/leak_tx")):
             lines = [line for line in text.splitlines() if f"backend pid {pid} " in line]
             assert len(lines) == 1, text
             assert f"route {route}" in lines[0] and re.search(r"trace_id [0-9a-f]{32}", lines[0])
         # The backends go: so do the series (and the exporter's claims).
-        terminate(pg_url, pid_a)
-        terminate(pg_url, pid_b)
-        wait_for(lambda: backend(pg_url, "fleet-a") is None and backend(pg_url, "fleet-b") is None)
+        names = ("fleet-a", "fleet-a-late", "fleet-b")
+        for pid in (pid_a, pid_late, pid_b):
+            terminate(pg_url, pid)
+        wait_for(lambda: all(backend(pg_url, name) is None for name in names))
         assert orphans(port, "fleet-a", "disconnected") == 0
+        assert orphans(port, "fleet-a-late", "disconnected") == 0
         assert orphans(port, "fleet-b", "ended") == 0

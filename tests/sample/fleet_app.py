@@ -3,20 +3,22 @@
 ``OTEL_DISCONNECT_REDIS_URL`` turns the channel on; ``FLEET_TEST_LOG`` names a file where every
 request appends "pid attempt" when it starts, so a test knows which worker served which attempt.
 With ``FLEET_TEST_PG_URL`` (an asyncpg URL) ``/hold_tx`` opens a transaction and waits (a
-disconnected owner) and ``/leak_tx`` opens one and returns without closing it (an ended owner).
+disconnected owner), ``/late_tx`` opens one only after its client left, and ``/leak_tx`` opens
+one and returns without closing it (an ended owner).
 """
 
 import asyncio
 import os
+from typing import Any
 
 from fastapi import FastAPI, Request
 from sqlalchemy import text
 
-from otel_disconnect import instrument_app
+from otel_disconnect import current, instrument_app
 
 app = FastAPI()
 LOG = os.environ.get("FLEET_TEST_LOG")
-engines = []
+engines: list[Any] = []
 leaked = []  # connections a request left checked out, kept alive on purpose
 
 
@@ -43,7 +45,14 @@ if os.environ.get("FLEET_TEST_PG_URL"):
         os.environ["FLEET_TEST_PG_URL"],
         connect_args={"server_settings": {"application_name": os.environ["FLEET_TEST_APP_NAME"]}},
     )
-    engines.append(engine)
+    # A second engine, so the test tells this backend from /hold_tx's by its application_name.
+    late_engine = create_async_engine(
+        os.environ["FLEET_TEST_PG_URL"],
+        connect_args={
+            "server_settings": {"application_name": os.environ["FLEET_TEST_APP_NAME"] + "-late"}
+        },
+    )
+    engines += [engine, late_engine]
 
     @app.get("/hold_tx")
     async def hold_tx() -> dict[str, int]:
@@ -51,6 +60,17 @@ if os.environ.get("FLEET_TEST_PG_URL"):
             await conn.begin()
             pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
             await asyncio.sleep(3600)  # the client leaves; this request keeps its transaction
+            return {"pid": pid}
+
+    @app.get("/late_tx")
+    async def late_tx() -> dict[str, int]:
+        state = current()
+        assert state is not None
+        await state.wait_disconnected()  # the transaction begins only after the client left
+        async with late_engine.connect() as conn:
+            await conn.begin()
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            await asyncio.sleep(3600)
             return {"pid": pid}
 
     @app.get("/leak_tx")
