@@ -51,7 +51,7 @@ class FleetChannel:
         registry: CollectorRegistry | None = None,
         write: bool = True,
         from_start: bool = False,
-        queue_max: int = QUEUE_MAX,
+        queue_max: int | None = None,
         block_ms: int = BLOCK_MS,
     ) -> None:
         self.url = url
@@ -62,10 +62,11 @@ class FleetChannel:
         self.metrics = fleet_metrics(registry)
         self.write = write
         self.from_start = from_start
-        self.queue_max = queue_max
+        self.queue_max = QUEUE_MAX if queue_max is None else queue_max
         self.block_ms = block_ms
         self.origin = ""
         self.queue: collections.deque[bytes] = collections.deque()
+        self.sending = 0  # events taken off the queue for the pipeline now on its way
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.closing = False
@@ -81,7 +82,12 @@ class FleetChannel:
         """Start the tasks on the running loop, once per loop (a process may run several loops
         one after another: tests, ``asyncio.run`` in a CLI)."""
         loop = asyncio.get_running_loop()
-        if self.loop is loop:
+        old = self.loop
+        if old is loop:
+            return
+        if old is not None and old.is_running() and any(not t.done() for t in self.tasks):
+            # Served by a loop running in another thread: publish() reaches it thread-safely,
+            # and a second reader and writer would only double the traffic.
             return
         self.loop = loop
         self._thread = threading.get_ident()
@@ -112,10 +118,13 @@ class FleetChannel:
     def publish(self, payload: bytes) -> None:
         """Queue one encoded event; never blocks, never raises into the caller."""
         try:
-            if len(self.queue) >= self.queue_max:
+            queue = self.queue
+            # The batch on its way counts too: if it fails it goes back, and must fit.
+            if len(queue) + self.sending >= self.queue_max:
                 self.metrics.dropped.labels("queue_full").inc()
                 return
-            self.queue.append(payload)
+            queue.append(payload)
+            self.metrics.queued.set(len(queue) + self.sending)
             wake, loop = self._wake, self.loop
             if wake is None or loop is None:
                 return  # sent once the tasks start
@@ -135,6 +144,7 @@ class FleetChannel:
             self._wake.clear()
             while self.queue and not self.closing:
                 batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+                self.sending = len(batch)
                 try:
                     if client is None:
                         client = _client(self.url, TIMEOUT_S)
@@ -146,12 +156,15 @@ class FleetChannel:
                     internal_error("fleet_publish", self.registry)
                     await _drop_client(client)
                     client = None
+                    self.sending = 0
                     self._requeue(batch)
                     self._set(write_ok=False)
                     await asyncio.sleep(_jitter(delay))
                     delay = min(BACKOFF_MAX_S, delay * 2)
                     continue
                 delay = BACKOFF_MIN_S
+                self.sending = 0
+                self.metrics.queued.set(len(self.queue))
                 for payload in batch:
                     self.metrics.published.labels(_kind_of(payload)).inc()
                 self._set(write_ok=True)
@@ -162,24 +175,32 @@ class FleetChannel:
         if len(batch) > room:
             self.metrics.dropped.labels("queue_full").inc(len(batch) - room)
         self.queue.extendleft(reversed(keep))
+        self.metrics.queued.set(len(self.queue))
 
     # -- reading -------------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         client: Any = None
         delay = BACKOFF_MIN_S
-        last = "0-0"
+        # None until the first connection: then after the newest event kept (or from the first
+        # one, from_start). After a reconnection, after the last event read: what was written
+        # while this reader was away is read too. A Redis that restarted empty gives its new
+        # events ids from its clock, after every id of the old stream.
+        last: str | None = "0-0" if self.from_start else None
         while not self.closing:
             try:
                 if client is None:
                     client = _client(self.url, TIMEOUT_S + self.block_ms / 1000)
-                    last = "0-0" if self.from_start else await _last_id(client, self.key)
+                    if last is None:
+                        last = await _last_id(client, self.key)
+                    else:
+                        await client.ping()  # connected: up before the first XREAD returns
                     self._set(read_ok=True)
                     delay = BACKOFF_MIN_S
                 found = await client.xread({self.key: last}, count=BATCH, block=self.block_ms)
                 for _key, entries in found or ():
                     for entry_id, fields in entries:
-                        last = entry_id
+                        last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                         self._handle(fields)
             except asyncio.CancelledError:
                 await _drop_client(client)

@@ -24,6 +24,13 @@ class FleetMetrics:
             registry=reg,
             multiprocess_mode="livemin",
         )
+        # livemax: the fullest queue among the workers; never above the queue's bound.
+        self.queued = Gauge(
+            PREFIX + "fleet_events_queued",
+            "Events waiting in this process for Redis (bounded; down or slow Redis fills it).",
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
         self.published = Counter(
             PREFIX + "fleet_events_published",
             "Disconnect events written to the fleet's Redis stream.",

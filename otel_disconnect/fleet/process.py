@@ -7,7 +7,9 @@ received event is placed on this process's clock as "now minus how long ago it h
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -28,12 +30,35 @@ if TYPE_CHECKING:
 # before the disconnect could be flagged wrongly.
 REMOTE_GRACE_S = 0.25
 
-# The channel the database hooks publish on: the last one started in this process.
+# One channel per (URL, fleet, registry) in a process, however many middlewares use it (the
+# one instrument_app builds to check its options, several apps in one server, the
+# instrumentor's rebuilt stacks): one reader, one writer, one origin, and one value for the
+# channel-state gauge. The channel the database hooks publish on: the last one started.
+_channels: dict[tuple[str, str, int], FleetChannel] = {}
+_listeners: dict[FleetChannel, weakref.WeakSet[FleetRetries]] = {}
 _current: list[FleetChannel] = []
+_lock = threading.Lock()
 
 
 def current() -> FleetChannel | None:
     return _current[-1] if _current else None
+
+
+def shared_channel(url: str, fleet: str, registry: CollectorRegistry | None) -> FleetChannel:
+    # The registry is kept alive by its channel, so its id is not reused while the key lives.
+    key = (url, fleet, id(registry))
+    with _lock:
+        channel = _channels.get(key)
+        if channel is None:
+            listeners: weakref.WeakSet[FleetRetries] = weakref.WeakSet()
+
+            def on_event(event: events.Event) -> None:
+                for listener in list(listeners):
+                    listener.on_event(event)
+
+            channel = _channels[key] = FleetChannel(url, fleet, on_event, registry=registry)
+            _listeners[channel] = listeners
+        return channel
 
 
 class FleetRetries:
@@ -43,7 +68,9 @@ class FleetRetries:
         self, url: str, fleet: str, tracker: RetryTracker, registry: CollectorRegistry | None
     ) -> None:
         self.tracker = tracker
-        self.channel = FleetChannel(url, fleet, self.on_event, registry=registry)
+        self.channel = shared_channel(url, fleet, registry)
+        with _lock:
+            _listeners[self.channel].add(self)
         tracker.publish = self.publish
 
     def ensure_started(self) -> None:
