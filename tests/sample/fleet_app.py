@@ -1,7 +1,8 @@
 """A FastAPI app for ``uvicorn --workers N`` on the fleet channel (subprocess tests).
 
 ``OTEL_DISCONNECT_REDIS_URL`` turns the channel on; ``FLEET_TEST_LOG`` names a file where every
-request appends "pid attempt" when it starts, so a test knows which worker served which attempt.
+request appends "pid attempt" when it starts, so a test knows which worker served which attempt;
+``FLEET_TEST_QUEUE_MAX`` bounds the fleet's publish queue.
 With ``FLEET_TEST_PG_URL`` (an asyncpg URL) ``/hold_tx`` opens a transaction and waits (a
 disconnected owner), ``/late_tx`` opens one only after its client left, and ``/leak_tx`` opens
 one and returns without closing it (an ended owner).
@@ -87,5 +88,10 @@ if os.environ.get("FLEET_TEST_TRACING"):  # spans with real trace ids, exported 
     from opentelemetry.sdk.trace import TracerProvider
 
     trace.set_tracer_provider(TracerProvider())
+
+if os.environ.get("FLEET_TEST_QUEUE_MAX"):  # a small publish queue, filled by a short outage
+    from otel_disconnect.fleet import channel
+
+    channel.QUEUE_MAX = int(os.environ["FLEET_TEST_QUEUE_MAX"])
 
 instrument_app(app, engines=engines)
