@@ -156,8 +156,8 @@ def listening(ports: list[int], redis: RedisServer) -> None:
         before = [received(p, "over") for p in ports]
         redis.client().xadd(stream_key("default"), {"e": events.over("default", "test", 0, "-", 1)})
         try:
-            wait_for(lambda: all(received(p, "over") > b for p, b in zip(ports, before, strict=True)), 2,
-                     0.05)
+            pairs = list(zip(ports, before, strict=True))
+            wait_for(lambda: all(received(p, "over") > n for p, n in pairs), 2, 0.05)
             return True
         except AssertionError:
             return False  # a reader was not there yet: probe again
