@@ -391,7 +391,9 @@ class _Cycle:
             route = route_template(self.scope)
             at = self.state.detected_perf
             self.retries.disconnected(
-                self.fingerprint(route), time.perf_counter() if at is None else at
+                self.fingerprint(route),
+                time.perf_counter() if at is None else at,
+                self.state.start_perf,
             )
         except Exception:
             internal_error("retry", self.config.registry)

@@ -96,8 +96,9 @@ class RetryTracker:
         self.window_s = window_s
         self.max_entries = max_entries
         self.entries: OrderedDict[bytes, tuple[float, ...]] = OrderedDict()
-        # Set by the fleet channel (redis_url): tells the other processes, off the request path.
-        self.publish: Callable[[bytes, float], None] | None = None
+        # Set by the fleet channel (redis_url): tells the other processes, off the request path
+        # (fingerprint, disconnect time, the request's start time, both time.perf_counter()).
+        self.publish: Callable[[bytes, float, float], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -117,11 +118,12 @@ class RetryTracker:
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
 
-    def disconnected(self, fp: bytes, at: float) -> None:
-        """A request of this process disconnected: remember it, and tell the fleet."""
+    def disconnected(self, fp: bytes, at: float, started: float | None = None) -> None:
+        """A request of this process that began at ``started`` disconnected at ``at``: remember
+        it, and tell the fleet."""
         self.remember(fp, at)
         if self.publish is not None:
-            self.publish(fp, at)
+            self.publish(fp, at, at if started is None else started)
 
     def is_retry(self, fp: bytes, started: float, now: float | None = None) -> bool:
         """True when ``fp`` disconnected before ``started`` (a request's own start, on the

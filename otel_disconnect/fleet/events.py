@@ -4,7 +4,8 @@ Every event names its format version, fleet and the process that sent it, so a r
 own echoes, another fleet's events and anything malformed (each counted) without trusting it.
 
 - ``r`` retry: a premature disconnect; ``fp`` the request's 8-byte retry fingerprint (hex),
-  ``t`` when it was seen (wall clock), ``w`` the sender's retry window;
+  ``t`` when it was seen (wall clock), ``w`` the sender's retry window, ``s`` when that request
+  began (wall clock; optional);
 - ``o`` orphan: a connection held in a transaction by a request whose client left
   (``own="disconnected"``) or that ended (``own="ended"``): ``db`` database name, ``pid``
   backend pid, ``tid`` trace id, ``route``;
@@ -35,6 +36,7 @@ class Event:
     t: float
     fp: bytes = b""
     window_s: float = 0.0
+    started: float | None = None  # r: when the disconnected request began
     db: str = ""
     pid: int = 0
     owner: str = ""
@@ -42,10 +44,13 @@ class Event:
     route: str = ""
 
 
-def retry(fleet: str, origin: str, fp: bytes, t: float, window_s: float) -> bytes:
-    return _dump(
-        {"v": VERSION, "k": "r", "f": fleet, "o": origin, "t": t, "fp": fp.hex(), "w": window_s}
-    )
+def retry(
+    fleet: str, origin: str, fp: bytes, t: float, window_s: float, *, started: float | None = None
+) -> bytes:
+    obj = {"v": VERSION, "k": "r", "f": fleet, "o": origin, "t": t, "fp": fp.hex(), "w": window_s}
+    if started is not None:
+        obj["s"] = started
+    return _dump(obj)
 
 
 def orphan(
@@ -89,14 +94,19 @@ def parse(raw: Any) -> Event:
     if not (isinstance(fleet, str) and isinstance(origin, str) and isinstance(t, int | float)):
         raise Malformed("missing fleet, origin or time")
     if kind == "r":
-        fp, window = obj.get("fp"), obj.get("w")
+        fp, window, started = obj.get("fp"), obj.get("w"), obj.get("s")
         if not (isinstance(fp, str) and len(fp) == 16 and isinstance(window, int | float)):
+            raise Malformed("bad retry event")
+        if started is not None and not isinstance(started, int | float):
             raise Malformed("bad retry event")
         try:
             digest = bytes.fromhex(fp)
         except ValueError:
             raise Malformed("bad fingerprint") from None
-        return Event("r", fleet, origin, float(t), fp=digest, window_s=float(window))
+        return Event(
+            "r", fleet, origin, float(t), fp=digest, window_s=float(window),
+            started=None if started is None else float(started),
+        )
     db, pid = obj.get("db"), obj.get("pid")
     if not (isinstance(db, str) and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0):
         raise Malformed("bad database or pid")

@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 # A retry can reach another process before the process that lost the client has seen its
 # disconnect: the client hangs up and reconnects at once, and the two processes race to run (on
 # a loaded 2-core machine the loser was seen 20 to 500 ms late). A disconnect heard from the
-# fleet counts as this much earlier, so such a retry is still after it. Only a request with the
-# same fingerprint (key, identity or address, method, route, body) that began at most this long
-# before the disconnect could be flagged wrongly.
+# fleet counts as this much earlier, so such a retry is still after it; but never earlier than
+# the disconnected request's own start, so that request, or an earlier attempt still running,
+# is never taken for a retry of a later one. Only a request with the same fingerprint (key,
+# identity or address, method, route, body) that began between the two could be flagged wrongly.
 REMOTE_GRACE_S = 0.25
 
 # One channel per (URL, fleet, registry) in a process, however many middlewares use it (the
@@ -79,17 +80,23 @@ class FleetRetries:
         if not _current or _current[-1] is not channel:
             _current[:] = [channel]
 
-    def publish(self, fp: bytes, at_perf: float) -> None:
+    def publish(self, fp: bytes, at_perf: float, started_perf: float) -> None:
         channel = self.channel
-        wall = time.time() - (time.perf_counter() - at_perf)
+        offset = time.time() - time.perf_counter()  # perf_counter -> wall clock
         channel.publish(
-            events.retry(channel.fleet, channel.origin, fp, wall, self.tracker.window_s)
+            events.retry(
+                channel.fleet, channel.origin, fp, at_perf + offset, self.tracker.window_s,
+                started=started_perf + offset,
+            )
         )
 
     def on_event(self, event: events.Event) -> None:
         if event.kind == "r":
-            ago = time.time() - event.t + REMOTE_GRACE_S
-            self.tracker.remember(event.fp, time.perf_counter() - ago)
+            at = event.t - REMOTE_GRACE_S
+            if event.started is not None:
+                at = max(at, event.started)
+            offset = time.perf_counter() - time.time()  # wall clock -> perf_counter
+            self.tracker.remember(event.fp, at + offset)
 
 
 # -- database hooks ----------------------------------------------------------------------------
