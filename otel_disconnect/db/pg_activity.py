@@ -238,7 +238,11 @@ class PgActivityCollector:
         apps: set[str] = set()
         timeout = 0.0
         owned = checkouts.by_pid() if self.orphans else {}
-        claims = self.claims.snapshot() if self.claims is not None else {}
+        claims = (
+            self.claims.find([(r[0], r[3]) for r in rows if r[2] in _IDLE_IN_TRANSACTION])
+            if self.claims is not None
+            else {}
+        )
         seen: set[tuple[int, int, str]] = set()
         for datname, app_name, state_or_none, pid, since_change, xact_age, timeout_s in rows:
             timeout = timeout_s or 0.0
@@ -284,7 +288,13 @@ class PgActivityCollector:
                 self._report(owner_state, pid, owner, since_change or 0.0, datname)
         self._reported = seen
         if self.claims is not None:
-            self.claims.prune({(r[0], r[3]) for r in rows}, self._query_started)
+            present: dict[str, set[int]] = {}
+            for r in rows:
+                pids = present.get(r[0])
+                if pids is None:
+                    pids = present[r[0]] = set()
+                pids.add(r[3])
+            self.claims.prune(present, self._query_started)
         families = self._families()
         b, idle, xact = families[0], families[1], families[2]
         for key, count in backends.items():
