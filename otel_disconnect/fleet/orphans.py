@@ -31,8 +31,8 @@ class Claim:
 
 
 class Claims:
-    # By database name, then backend pid: a scrape's prune compares int keys (a set difference
-    # in C), not 10,000 (name, pid) tuples hashed one by one.
+    # By database name, then backend pid in arrival order: a scrape's prune looks up int pids,
+    # not (name, pid) tuples hashed one by one, and only among the claims older than its query.
 
     def __init__(self, max_claims: int = MAX_CLAIMS) -> None:
         self.max_claims = max_claims
@@ -99,7 +99,15 @@ class Claims:
         empty: set[int] = set()
         with self._lock:
             for db, claims in self._by_db.items():
-                for pid in claims.keys() - present.get(db, empty):
-                    if claims[pid].received < before:
-                        del claims[pid]
-                        self._count -= 1
+                seen = present.get(db, empty)
+                # Oldest first (a claim that changes moves to the end): the walk stops at the
+                # first claim newer than the query.
+                gone = []
+                for pid, claim in claims.items():
+                    if claim.received >= before:
+                        break
+                    if pid not in seen:
+                        gone.append(pid)
+                for pid in gone:
+                    del claims[pid]
+                self._count -= len(gone)
