@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 
+from otel_disconnect.context import reset_current, set_current
 from otel_disconnect.db.engine import instrument_engine
-from otel_disconnect.state import RequestState, _current
+from otel_disconnect.state import RequestState
 
 SELECT = text("SELECT 1")
 
@@ -102,7 +103,7 @@ Row = tuple[str, float, float, float, float]
 def run(url: str, rounds: int, n: int) -> list[Row]:
     is_async = "+asyncpg" in url or "+aiosqlite" in url
     state = RequestState({"type": "http", "method": "GET"})
-    token = _current.set(state)
+    token = set_current(state)
     results: list[Row] = []
     try:
         if is_async:
@@ -152,7 +153,7 @@ def run(url: str, rounds: int, n: int) -> list[Row]:
             bare.dispose()
             hooked.dispose()
     finally:
-        _current.reset(token)
+        reset_current(token)
         state.extras = None
     return results
 

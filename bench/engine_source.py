@@ -65,16 +65,17 @@ class Request:
 
 
 def _drive(variant: str, n: int) -> None:
+    from otel_disconnect.context import reset_current, set_current
     from otel_disconnect.llm import vllm_engine
-    from otel_disconnect.state import RequestState, _current
+    from otel_disconnect.state import RequestState
 
     if variant == "patched":
         vllm_engine._patch_output_processor(OutputProcessor)
     processor = OutputProcessor()
     state = RequestState({"type": "http", "method": "POST", "path": "/v1/chat/completions"})
-    token = _current.set(state)
+    token = set_current(state)
     processor.add_request(Request(), None, None, 0, None)
-    _current.reset(token)
+    reset_current(token)
     batches = [[EngineCoreOutput("req-1", [1, 2])] for _ in range(n)]
     gc.collect()
     gc.disable()

@@ -17,8 +17,9 @@ from typing import Any, TypeVar, cast
 
 import anyio
 
+from .context import current_state
 from .errors import ClientDisconnected
-from .state import RequestState, current
+from .state import RequestState
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -54,7 +55,7 @@ class protect:
     async def __aenter__(self) -> protect:
         if self._scope is not None:
             raise RuntimeError("a protect() object is not reentrant; create one per block")
-        self._state = current()
+        self._state = current_state()
         if self._state is not None:
             self._state.enter_protected(self._name)
         self._scope = anyio.CancelScope(shield=True)
@@ -130,7 +131,7 @@ def guard_stream(
     the client still there), ``client_disconnect`` (the framework cancelled or closed it, or
     ``send`` failed, after the client left) or ``error``. Recorded as ``disconnect.stream_end``.
     """
-    return _guarded(agen, on_close, current())
+    return _guarded(agen, on_close, current_state())
 
 
 async def _guarded(

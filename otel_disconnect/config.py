@@ -151,13 +151,7 @@ class Config:
             raise ValueError(
                 f"tracer_provider={tracer_provider!r}: expected an OpenTelemetry TracerProvider"
             )
-        metrics_from_env = metrics is None
-        sink = metrics if metrics is not None else (_env("METRICS") or "auto")
-        if sink not in _METRICS:
-            raise ValueError(
-                f"{_where('metrics', metrics_from_env)}={sink!r}: expected one of "
-                + ", ".join(_METRICS)
-            )
+        sink = metrics_option(metrics)
         if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
             raise ValueError(
                 f"meter_provider={meter_provider!r}: expected an OpenTelemetry MeterProvider"
@@ -186,6 +180,17 @@ class Config:
     def wants_cancel(self, scope: Scope) -> bool:
         policy = self.cancel_on_disconnect
         return policy(scope) if callable(policy) else policy
+
+
+def metrics_option(metrics: str | None) -> str:
+    """``metrics=`` (None: ``OTEL_DISCONNECT_METRICS``, else ``auto``), validated; the middleware
+    and ``PgActivityCollector`` read it the same way."""
+    sink = metrics if metrics is not None else (_env("METRICS") or "auto")
+    if sink not in _METRICS:
+        raise ValueError(
+            f"{_where('metrics', metrics is None)}={sink!r}: expected one of " + ", ".join(_METRICS)
+        )
+    return sink
 
 
 def _compile_excluded(

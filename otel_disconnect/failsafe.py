@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -16,10 +17,16 @@ _logged: set[str] = set()
 _lock = threading.Lock()
 
 
-def internal_error(where: str, registry: CollectorRegistry | None = None) -> None:
-    """Record the exception being handled; call it from an ``except`` block."""
+def internal_error(
+    where: str, registry: CollectorRegistry | None = None, *, metrics: Any = None
+) -> None:
+    """Record the exception being handled; call it from an ``except`` block.
+
+    Counted where the component that had it counts: ``metrics`` (a request's sink,
+    ``state.metrics``) when given, else the metrics of ``registry`` (None: the global one).
+    """
     try:
-        metrics_for(registry).internal_errors.labels(where).inc()
+        (metrics or metrics_for(registry)).internal_errors.labels(where).inc()
         with _lock:
             first = where not in _logged
             _logged.add(where)

@@ -18,6 +18,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 )
 
 from ._types import ASGIApp
+from .compat.opentelemetry import is_otel_middleware
 from .config import OPTION_NAMES, metrics_path_from_env, metrics_path_option
 from .exposition import metrics_app
 from .failsafe import internal_error
@@ -29,12 +30,6 @@ logger = logging.getLogger("otel_disconnect")
 _MARK = "_otel_disconnect_instrumented"
 
 
-def _is_otel_middleware(cls: Any) -> bool:
-    return getattr(cls, "__name__", "") == "OpenTelemetryMiddleware" and (
-        getattr(cls, "__module__", "") or ""
-    ).startswith("opentelemetry.instrumentation")
-
-
 def _insert_middleware(app: Any, options: dict[str, Any]) -> None:
     """Put DisconnectMiddleware just inside any OpenTelemetry middleware in ``user_middleware``."""
     from starlette.middleware import Middleware
@@ -44,7 +39,7 @@ def _insert_middleware(app: Any, options: dict[str, Any]) -> None:
         return
     index = 0
     for i, entry in enumerate(stack):
-        if _is_otel_middleware(entry.cls):
+        if is_otel_middleware(entry.cls):
             index = i + 1
     stack.insert(index, Middleware(DisconnectMiddleware, **options))  # type: ignore[arg-type]
 
@@ -52,7 +47,7 @@ def _insert_middleware(app: Any, options: dict[str, Any]) -> None:
 def _has_server_span_middleware(app: Any) -> bool:
     if getattr(app, "_is_instrumented_by_opentelemetry", False):
         return True
-    return any(_is_otel_middleware(m.cls) for m in getattr(app, "user_middleware", ()))
+    return any(is_otel_middleware(m.cls) for m in getattr(app, "user_middleware", ()))
 
 
 def _tracing_works(tracer_provider: Any, registry: Any) -> bool:
@@ -115,7 +110,7 @@ def instrument_app(
     tracer_provider = options.get("tracer_provider")
     if not hasattr(app, "user_middleware"):
         wrapped: ASGIApp = DisconnectMiddleware(app, **options)
-        if not _is_otel_middleware(type(app)) and _tracing_works(
+        if not is_otel_middleware(type(app)) and _tracing_works(
             tracer_provider, options.get("registry")
         ):
             from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware

@@ -17,6 +17,7 @@ import anyio
 from . import outcome
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config, options_from
+from .context import reset_current, set_current
 from .errors import ClientDisconnected
 from .failsafe import internal_error, logger
 from .llm import instrument_upstreams
@@ -24,7 +25,7 @@ from .llm.response_tokens import Observer, observer_for
 from .receive_pump import ReceivePump
 from .retry import BodyDigest, RetryTracker, client_identity, fingerprint
 from .routes import route_template
-from .state import RequestState, _current
+from .state import RequestState
 from .telemetry import spans
 from .telemetry.recorder import Recorder
 from .telemetry.sinks import sink_for
@@ -104,7 +105,7 @@ class DisconnectMiddleware:
         # hangs on the one ``finally``: whatever raised inside otel-disconnect, or in the app,
         # cycle.ended() releases the in-flight gauges and the request's state.
         failure: str | None = None
-        token = _current.set(cycle.state)
+        token = set_current(cycle.state)
         try:
             if self.config.cancel_on_disconnect is False:
                 await self.app(scope, cycle.receive, cycle.send)
@@ -122,7 +123,7 @@ class DisconnectMiddleware:
             raise
         finally:
             cycle.ended(failure)
-            _current.reset(token)
+            reset_current(token)
 
 
 class _Cycle:
@@ -175,6 +176,9 @@ class _Cycle:
         self.zombie = False  # counted in the "disconnected" in-flight series
         self.released = False  # the request's bookkeeping is over (release() ran)
         state = self.state = RequestState(scope, spans.current_span())
+        # The sink of this middleware, for whatever counts against the request from elsewhere
+        # (token sources, engine callbacks, their internal errors), during it or after it.
+        state.metrics = self.recorder.metrics
         if scope.get("method") in _BODYLESS or not _expects_continue(scope):
             # Reading ahead would make uvicorn answer "100 Continue" for an app that may still
             # reject the request unread; with that header, the app's first receive() goes first.

@@ -22,56 +22,17 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Generator
-from types import FunctionType
 from typing import Any
 
 import anyio
 
 from ._types import Message, Receive
+from .compat.opentelemetry import unwrap_receive
+from .compat.servers import drivable
 
 BUFFER_LIMIT = 64 * 1024
 
 _DISCONNECT = "http.disconnect"
-
-
-def _unwrap(receive: Receive) -> Receive:
-    """Skip the OpenTelemetry ASGI receive wrapper: our read-ahead must not make "receive" spans.
-
-    Only that wrapper is skipped (it adds nothing but a span); any other middleware's receive may
-    change the messages and is kept. ``functools.wraps`` copied the wrapped function's name and
-    module onto it, so it is recognised by its code object.
-    """
-    # Only plain functions are looked at: a server's receive is a bound method, on which a
-    # missing attribute costs a raised and caught AttributeError (about a microsecond).
-    while type(receive) is FunctionType:
-        code = receive.__code__
-        inner = getattr(receive, "__wrapped__", None)
-        if inner is None or code.co_name != "otel_receive":
-            return receive
-        if "opentelemetry" not in code.co_filename:
-            return receive
-        receive = inner
-    return receive
-
-
-_drivable_by_type: dict[type, bool] = {}
-
-
-def _drivable(receive: Receive) -> bool:
-    """True when ``receive`` is a server's own, which only awaits asyncio-style futures."""
-    owner = getattr(receive, "__self__", None)
-    if owner is None:
-        return False
-    kind = type(owner)
-    found = _drivable_by_type.get(kind)
-    if found is None:
-        # Hypercorn hands the app ``app_queue.get``; uvicorn and Granian their protocol's method.
-        found = isinstance(owner, asyncio.Queue) or (kind.__module__ or "").startswith(
-            ("uvicorn.", "granian.")
-        )
-        if len(_drivable_by_type) < 64:
-            _drivable_by_type[kind] = found
-    return found
 
 
 class ReceivePump:
@@ -103,8 +64,8 @@ class ReceivePump:
         # Called from an ``except`` block when the read-ahead itself fails (never the server's
         # receive, whose errors go to the app); reading then falls back to the app's own calls.
         self._on_error = on_error or _no_error_hook
-        self._raw = _unwrap(receive)
-        self._direct = _drivable(self._raw)
+        self._raw = unwrap_receive(receive)
+        self._direct = drivable(self._raw)
         self._observe = observe
         self._buffer: deque[Message] = deque()
         self._buffered = 0

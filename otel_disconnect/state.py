@@ -1,7 +1,9 @@
-"""Per-request state, the ContextVar that carries it, ``current()`` and ``client_state``.
+"""The request model: ``RequestState``, the one mutable record of a request, which the
+middleware owns; ``RequestView``, the app's read-only view of it; and ``Extension``, how token
+sources and database hooks hang their per-request accounting on it.
 
-The middleware writes the state; token sources and database hooks add to it through
-``current()``; the recorder reads it. Nothing here imports the middleware or the sinks.
+The record travels in a ContextVar (``otel_disconnect.context``); the recorder reads it at the
+end. Nothing here imports the middleware or the sinks.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import Any
 
 from ._types import Scope
@@ -24,8 +25,26 @@ STOPPED_ENGINE_ABORT = "engine_abort"
 STOPPED_UPSTREAM_CLOSED = "upstream_closed"
 
 
+class Extension:
+    """Per-request accounting of an integration (a token source, the database hooks), stored
+    with ``state.extra(key, factory)``; the recorder calls these hooks, and only these."""
+
+    __slots__ = ()
+
+    def on_disconnect(self, state: RequestState) -> None:
+        """The client left (once per request, when the disconnect is recorded)."""
+
+    def span_attributes(self, state: RequestState) -> dict[str, Any]:
+        """Attributes for the server span, written once before it ends."""
+        return {}
+
+    def record_end(self, state: RequestState, metrics: Any, route: str) -> None:
+        """The request ended: count into ``metrics`` (the request's sink)."""
+
+
 class RequestState:
-    """What one HTTP request has done so far. Read-only to the app (see ``current()``)."""
+    """What one HTTP request has done so far: the middleware's record. Apps read it through a
+    ``RequestView`` (``current()``, ``client_state``), never write it."""
 
     __slots__ = (
         "_cancel",
@@ -36,6 +55,7 @@ class RequestState:
         "_outcome",
         "_phase_at_disconnect",
         "_protected",
+        "_view",
         "body_complete",
         "bytes_dropped",
         "detected_perf",
@@ -80,9 +100,9 @@ class RequestState:
         # Why the request's work is known to have stopped early (see otel_disconnect.outcome).
         self.work_stopped: str | None = None
         # Token and database accounting hang their per-request objects here, keyed by module.
-        self.extras: dict[str, Any] | None = None
-        # The Metrics of the middleware that saw this request, for counts that arrive after it
-        # ended (a producer task's tokens); set by the recorder at a disconnect.
+        self.extras: dict[str, Extension] | None = None
+        # The Metrics of the middleware that saw this request, for counts from token sources and
+        # engine callbacks, during the request or after it ended (a producer task's tokens).
         self.metrics: Any = None
         self._disconnected_at: float | None = None
         self._detected_by: str | None = None
@@ -92,6 +112,14 @@ class RequestState:
         self._protected: list[str] | None = None
         self._cancel: Callable[[], None] | None = None
         self._cancel_deferred = False
+        self._view: RequestView | None = None
+
+    def view(self) -> RequestView:
+        """The app's read-only view of this request (one per request)."""
+        view = self._view
+        if view is None:
+            view = self._view = RequestView(self)
+        return view
 
     # -- read by apps ---------------------------------------------------------------------------
 
@@ -213,7 +241,7 @@ class RequestState:
         if self.work_stopped is None:
             self.work_stopped = why
 
-    def extra(self, key: str, factory: Callable[[], Any]) -> Any:
+    def extra(self, key: str, factory: Callable[[], Extension]) -> Any:
         """The integration object stored under ``key``, created by ``factory`` on first use."""
         if self.extras is None:
             self.extras = {}
@@ -239,27 +267,56 @@ def _declares_body(scope: Scope) -> bool:
     return scope.get("http_version") in ("2", "3") and scope.get("method") not in _BODYLESS_METHODS
 
 
-_current: ContextVar[RequestState | None] = ContextVar("otel_disconnect_request", default=None)
+class RequestView:
+    """The app's read-only view of its request: what ``current()`` and ``client_state`` give.
 
-
-def current() -> RequestState | None:
-    """The current request's state, or None outside a request the middleware sees."""
-    return _current.get()
-
-
-_DETACHED_SCOPE: Scope = {"type": "http", "method": "GET"}
-
-
-async def client_state() -> RequestState:
-    """FastAPI dependency: ``state: RequestState = Depends(client_state)``.
-
-    Async on purpose: FastAPI runs sync dependencies in a thread pool, and this is a lookup.
-
-    It reads the ContextVar the middleware set, so it works behind ``BaseHTTPMiddleware`` (whose
-    ``Request.is_disconnected()`` never turns True). Without the middleware it returns a state that
-    never disconnects instead of failing the request.
+    Reading ``disconnected`` as True before the response started tells the package the app saw
+    the disconnect (the outcome rule: docs/outcome.md); nothing else an app does through the view
+    changes the request's record.
     """
-    state = _current.get()
-    if state is None:
-        state = RequestState(_DETACHED_SCOPE)
-    return state
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: RequestState) -> None:
+        self._state = state
+
+    @property
+    def disconnected(self) -> bool:
+        """True once the client left before the final response body was sent."""
+        return self._state.disconnected
+
+    @property
+    def disconnected_at(self) -> float | None:
+        """Wall-clock time (``time.time()``) of detection, or None."""
+        return self._state.disconnected_at
+
+    @property
+    def phase(self) -> str:
+        """``request_body``, ``before_response`` or ``streaming``: now, or when the client left."""
+        return self._state.phase
+
+    @property
+    def detected_by(self) -> str | None:
+        """``receive``, ``send_error`` or ``cancelled``, or None while the client is there."""
+        return self._state.detected_by
+
+    @property
+    def outcome(self) -> str | None:
+        """``cancelled``, ``completed`` or ``error`` once the request ended after a disconnect."""
+        return self._state.outcome
+
+    @property
+    def offset_s(self) -> float | None:
+        """Request start to detection, in seconds."""
+        return self._state.offset_s
+
+    @property
+    def method(self) -> str:
+        return self._state.method
+
+    async def wait_disconnected(self) -> None:
+        """Return when the client disconnects prematurely (never, if it does not)."""
+        await self._state.wait_disconnected()
+
+    def __repr__(self) -> str:
+        return repr(self._state)

@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from otel_disconnect import RequestState, client_state, current, instrument_app
+from otel_disconnect import RequestView, client_state, current, instrument_app
 from otel_disconnect.cancel import protect
 
 
@@ -61,7 +61,7 @@ def build_app(
         return {"item_id": item_id}
 
     @app.get("/slow")
-    async def slow(state: RequestState = Depends(client_state)) -> dict[str, Any]:
+    async def slow(state: RequestView = Depends(client_state)) -> dict[str, Any]:
         # Never calls receive(): only the middleware's read-ahead can see the client leave.
         signals.set("slow.started")
         try:

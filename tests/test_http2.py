@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from otel_disconnect import instrument_app
-from otel_disconnect.llm_sim import SimConfig, Simulator, create_app
+from otel_disconnect.tools.llm_sim import SimConfig, Simulator, create_app
 from tests.conftest import Telemetry
 from tests.h2client import Certificate, H2Client, make_test_certificate
 from tests.h2servers import H2_SERVERS, serve_h2

@@ -32,12 +32,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from otel_disconnect import instrument_app, record_tokens
 from otel_disconnect.failsafe import internal_error
-from otel_disconnect.ops.alerts import ALERTS
-from otel_disconnect.ops.generate import DASHBOARDS
 from otel_disconnect.telemetry import sinks
 from otel_disconnect.telemetry.catalog import METRICS, exposed_names
 from otel_disconnect.telemetry.metrics import Metrics, metrics_for
 from otel_disconnect.telemetry.otel_metrics import BothMetrics, OtelMetrics
+from otel_disconnect.tools.ops.alerts import ALERTS
+from otel_disconnect.tools.ops.generate import DASHBOARDS
 
 from .servers import RawClient, free_port, serve, wait_for
 from .test_auto_instrumentation import Instrumented
@@ -92,13 +92,6 @@ def test_auto_picks_opentelemetry_only_for_a_provider_that_exports() -> None:
 
     assert sinks.choose("auto", None, NoOpMeterProvider()) == "prometheus"
 
-
-def test_the_sdk_readers_are_read_not_guessed() -> None:
-    # The one private read (MeterProvider._sdk_config.metric_readers). If it stops working the
-    # public fallback counts every SDK provider as exporting, and this fails.
-    reader = InMemoryMetricReader()
-    assert sinks.sdk_metric_readers(MeterProvider(metric_readers=[reader])) == [reader]
-    assert sinks.sdk_metric_readers(MeterProvider()) == []
 
 
 def test_metrics_option_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,10 +191,10 @@ def build_app(registry: CollectorRegistry, provider: MeterProvider, engine: Any)
     async def abort() -> dict[str, int]:
         # What the vLLM engine source does when vLLM aborts a request after its client left
         # (tests/engines/test_vllm.py drives it inside vLLM itself).
-        from otel_disconnect import current
+        from otel_disconnect.context import current_state
         from otel_disconnect.llm.vllm_engine import EngineRequest
 
-        state = current()
+        state = current_state()
         assert state is not None
         request = EngineRequest(state, "sim")
         request.counted(3)
@@ -452,7 +445,7 @@ def test_pg_collector_as_observable_gauges_reports_down() -> None:
     port = free_port()  # nothing listens there
     collector = PgActivityCollector(
         f"host=127.0.0.1 port={port} user=x dbname=x",
-        registry=None,
+        metrics="opentelemetry",
         meter_provider=MeterProvider(metric_readers=[reader]),
         connect_timeout_s=1,
     )

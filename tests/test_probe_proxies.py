@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from otel_disconnect import instrument_app
-from otel_disconnect.llm_sim import SimConfig, Simulator, create_app
+from otel_disconnect.tools.llm_sim import SimConfig, Simulator, create_app
 from tests.proxies import SETTINGS, Proxy, run_proxy
 from tests.proxy_matrix import POINTS, PROBE_EXPECTED
 from tests.servers import ServerThread, serve
@@ -101,7 +101,7 @@ def test_probe_through_the_proxy(proxy: Proxy) -> None:
 
 
 def test_identify_the_proxy_from_server_and_via_headers() -> None:
-    from otel_disconnect.proxy_advice import advice, identify
+    from otel_disconnect.tools.proxy_advice import advice, identify
 
     assert identify([{"server": "Caddy, uvicorn"}]) == "caddy"  # Caddy adds a second Server
     assert identify([{"server": "nginx/1.22.1"}]) == "nginx"

@@ -19,13 +19,15 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 
+from ..compat.sqlalchemy import context_entry_info, entry_info
+from ..context import current_state
 from ..failsafe import internal_error
 from ..fleet import process as fleet
-from ..state import RequestState, _current
+from ..state import Extension, RequestState
 from ..telemetry import spans
 from ..telemetry.metrics import Metrics, metrics_for
 from . import checkouts as checked_out
@@ -45,6 +47,15 @@ MAX_PIDS = 32
 
 _instrumented: weakref.WeakKeyDictionary[Any, EngineHooks] = weakref.WeakKeyDictionary()
 _instrument_lock = threading.Lock()
+
+
+def conn_state(proxied: Any) -> ConnState | None:
+    """The ConnState of a checked-out connection (what the dialect methods get), or None."""
+    try:
+        found: ConnState | None = entry_info(proxied).get(KEY)
+        return found
+    except AttributeError:  # detached from its pool
+        return None
 
 
 class ConnState:
@@ -97,7 +108,7 @@ class ConnState:
         return max(0.0, now - start)
 
 
-class DbRequest:
+class DbRequest(Extension):
     """The database side of one request (``state.extras[KEY]``), read by the recorder."""
 
     __slots__ = ("held", "interrupted_age", "interrupted_state", "left_open_written", "pids")
@@ -264,14 +275,14 @@ class EngineHooks:
                 pid = info[_PID_KEY] = _backend_pid(
                     self.dialect.get_driver_connection(dbapi_connection)
                 )
-            state = _current.get()
+            state = current_state()
             conn = ConnState(state, pid, self.db_system, self.metrics, self.database)
             info[KEY] = conn
             checked_out.add(id(record), conn)
             if state is not None:
                 extras = state.extras
                 found = extras.get(KEY) if extras is not None else None
-                (found or state.extra(KEY, DbRequest)).add(conn)
+                cast(DbRequest, found or state.extra(KEY, DbRequest)).add(conn)
         except Exception:
             internal_error("db_checkout", self.registry)
 
@@ -317,7 +328,7 @@ class EngineHooks:
                 conn.owner = None
                 extra = owner.extras.get(KEY) if owner.extras else None
                 if extra is not None:
-                    extra.remove(conn)
+                    cast(DbRequest, extra).remove(conn)
         except Exception:
             internal_error("db_checkin", self.registry)
 
@@ -364,8 +375,20 @@ class EngineHooks:
                 setattr(dialect, name, previous)
         self.wrapped.clear()
 
-    # The hot wrappers (begin, commit, rollback, execute) look their ConnState up inline: a
-    # function call more per statement is a measurable share of what they cost.
+    # The wrapper of every statement (execute) looks its ConnState up inline: a function call
+    # more per statement is a measurable share of what it costs. Begin, commit and rollback run
+    # once per transaction and share the helpers below.
+
+    def state_of(self, dbapi_connection: Any, where: str) -> ConnState | None:
+        """The ConnState behind the connection a dialect method got, or None."""
+        try:
+            found: ConnState | None = entry_info(dbapi_connection).get(KEY)
+            return found
+        except AttributeError:  # detached from its pool
+            return None
+        except Exception:
+            internal_error(where, self.registry)
+            return None
 
     def _lookup_connection(self, connection: Any, where: str) -> ConnState | None:
         """The ConnState behind a SQLAlchemy Connection (the two-phase methods get one)."""
@@ -375,8 +398,7 @@ class EngineHooks:
             # Connection.connection would try to reconnect an invalidated Connection: skip those.
             if connection.invalidated or connection.closed:
                 return None
-            record = connection.connection._connection_record
-            return record.info.get(KEY) if record is not None else None
+            return conn_state(connection.connection)
         except Exception:
             internal_error(where, self.registry)
             return None
@@ -386,31 +408,15 @@ class EngineHooks:
 
         @functools.wraps(original)
         def do_begin(dbapi_connection: Any) -> Any:
-            conn: ConnState | None = None
-            if hooks.active:
-                try:
-                    # The pool entry behind the checked-out proxy (None once detached); at first
-                    # connect an ad hoc proxy of an entry no request checked out.
-                    record = dbapi_connection._connection_record
-                    conn = record.info.get(KEY) if record is not None else None
-                except Exception:
-                    internal_error("db_begin", hooks.registry)
-            if conn is None:
-                return original(dbapi_connection)
-            before = conn.tx, conn.tx_start
-            conn.tx = IDLE_IN_TRANSACTION
-            conn.tx_start = time.time()
-            try:
-                result = original(dbapi_connection)
-            except BaseException:
-                conn.tx, conn.tx_start = before  # no transaction began
-                raise
-            owner = conn.owner
-            if owner is not None and (owner.detected_perf is not None or owner.ended):
-                # Work that goes on after its client left (or after its request ended) may
-                # begin a transaction only then, e.g. once its first connection is made: the
-                # snapshot at detection or at the end did not see it, so the fleet hears of it.
-                hooks.claim_late(conn, owner)
+            conn = hooks.state_of(dbapi_connection, "db_begin") if hooks.active else None
+            result = _begin_on(conn, original, dbapi_connection)
+            if conn is not None:
+                owner = conn.owner
+                if owner is not None and (owner.detected_perf is not None or owner.ended):
+                    # Work that goes on after its client left (or after its request ended) may
+                    # begin a transaction only then, e.g. once its first connection is made:
+                    # the snapshot at detection or at the end missed it; the fleet hears of it.
+                    hooks.claim_late(conn, owner)
             return result
 
         return do_begin
@@ -427,17 +433,7 @@ class EngineHooks:
 
         @functools.wraps(original)
         def do_begin_twophase(connection: Any, xid: Any) -> Any:
-            conn = lookup(connection, "db_begin")
-            if conn is None:
-                return original(connection, xid)
-            before = conn.tx, conn.tx_start
-            conn.tx = IDLE_IN_TRANSACTION
-            conn.tx_start = time.time()
-            try:
-                return original(connection, xid)
-            except BaseException:
-                conn.tx, conn.tx_start = before
-                raise
+            return _begin_on(lookup(connection, "db_begin"), original, connection, xid)
 
         return do_begin_twophase
 
@@ -446,24 +442,8 @@ class EngineHooks:
 
         @functools.wraps(original)
         def ending(dbapi_connection: Any) -> Any:
-            conn: ConnState | None = None
-            if hooks.active:
-                try:
-                    record = dbapi_connection._connection_record
-                    conn = record.info.get(KEY) if record is not None else None
-                except Exception:
-                    internal_error(where, hooks.registry)
-            # Only an open transaction ends: the pool's rollback of a clean connection, or the
-            # do_rollback a two-phase commit runs inside do_commit_twophase, changes nothing.
-            if conn is None or conn.tx != IDLE_IN_TRANSACTION:
-                return original(dbapi_connection)
-            conn.tx = during
-            try:
-                return original(dbapi_connection)
-            finally:
-                # Returned or raised, SQLAlchemy is done with this transaction either way.
-                conn.tx = NONE
-                conn.tx_start = None
+            conn = hooks.state_of(dbapi_connection, where) if hooks.active else None
+            return _end_on(conn, during, original, dbapi_connection)
 
         return ending
 
@@ -473,14 +453,7 @@ class EngineHooks:
         @functools.wraps(original)
         def ending(connection: Any, xid: Any, *args: Any, **kwargs: Any) -> Any:
             conn = lookup(connection, "db_commit")
-            if conn is None or conn.tx != IDLE_IN_TRANSACTION:
-                return original(connection, xid, *args, **kwargs)
-            conn.tx = during
-            try:
-                return original(connection, xid, *args, **kwargs)
-            finally:
-                conn.tx = NONE
-                conn.tx_start = None
+            return _end_on(conn, during, original, connection, xid, *args, **kwargs)
 
         return ending
 
@@ -509,8 +482,9 @@ class EngineHooks:
             conn: ConnState | None = None
             if context is not None and hooks.active:  # None only for some mssql defaults
                 try:
-                    record = context._dbapi_connection._connection_record
-                    conn = record.info.get(KEY) if record is not None else None
+                    conn = context_entry_info(context).get(KEY)
+                except AttributeError:  # detached from its pool
+                    pass
                 except Exception:
                     internal_error("db_execute", hooks.registry)
             if conn is None:
@@ -531,8 +505,9 @@ class EngineHooks:
             conn: ConnState | None = None
             if context is not None and hooks.active:
                 try:
-                    record = context._dbapi_connection._connection_record
-                    conn = record.info.get(KEY) if record is not None else None
+                    conn = context_entry_info(context).get(KEY)
+                except AttributeError:  # detached from its pool
+                    pass
                 except Exception:
                     internal_error("db_execute", hooks.registry)
             if conn is None:
@@ -547,6 +522,38 @@ class EngineHooks:
 
 
 _ABSENT = object()  # the dialect instance had no attribute of its own: the class's method ran
+
+
+def _begin_on(conn: ConnState | None, call: Callable[..., Any], *args: Any) -> Any:
+    """A dialect's begin for ``conn``: idle in transaction from now on, unless it raises."""
+    if conn is None:
+        return call(*args)
+    before = conn.tx, conn.tx_start
+    conn.tx = IDLE_IN_TRANSACTION
+    conn.tx_start = time.time()
+    try:
+        return call(*args)
+    except BaseException:
+        conn.tx, conn.tx_start = before  # no transaction began
+        raise
+
+
+def _end_on(
+    conn: ConnState | None, during: str, call: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """A dialect's commit or rollback for ``conn``: ``during`` while it runs, then none.
+
+    Only an open transaction ends: the pool's rollback of a clean connection, or the do_rollback
+    a two-phase commit runs inside do_commit_twophase, changes nothing."""
+    if conn is None or conn.tx != IDLE_IN_TRANSACTION:
+        return call(*args, **kwargs)
+    conn.tx = during
+    try:
+        return call(*args, **kwargs)
+    finally:
+        # Returned or raised, SQLAlchemy is done with this transaction either way.
+        conn.tx = NONE
+        conn.tx_start = None
 
 
 def _own_attribute(dialect: Any, name: str, found: Any) -> Any:

@@ -68,20 +68,26 @@ def _trace_id(span: Any) -> str:
 
 
 class PgActivityCollector:
-    """A Prometheus collector over ``pg_stat_activity`` (SPEC section 8).
+    """A Prometheus collector over ``pg_stat_activity`` (docs/reference.md lists its series).
 
     ``PgActivityCollector("host=db user=monitor dbname=app")`` or ``PgActivityCollector(engine)``
-    (it opens its own connection from the engine's URL). ``registry=None`` skips registering.
-    ``orphans=False`` leaves out the orphan series (a standalone exporter has no pool to ask).
-    ``meter_provider=`` also (with ``registry=None``: only) reports the same series as
-    OpenTelemetry observable gauges of that provider, one query per collection.
+    (it opens its own connection from the engine's URL). ``orphans=False`` leaves out the orphan
+    series (a standalone exporter has no pool to ask).
+
+    Where the series go is chosen as for the middleware: ``registry=`` is a prometheus-client
+    registry (None: the global ``REGISTRY``), ``meter_provider=`` a MeterProvider (None: the
+    global one), and ``metrics="auto" | "prometheus" | "opentelemetry" | "both"`` (None:
+    ``OTEL_DISCONNECT_METRICS``, else ``auto``) picks between them. ``auto`` is OpenTelemetry
+    when a MeterProvider that exports somewhere is configured and no ``registry=`` was passed.
+    On OpenTelemetry the series are observable gauges, one query per collection.
     """
 
     def __init__(
         self,
         dsn_or_engine: Any,
         *,
-        registry: CollectorRegistry | None = REGISTRY,
+        registry: CollectorRegistry | None = None,
+        metrics: str | None = None,
         statement_timeout_s: float = 2.0,
         connect_timeout_s: float = 3.0,
         application_name: str = "otel-disconnect",
@@ -105,10 +111,15 @@ class PgActivityCollector:
         self._lock = threading.Lock()
         self._reported: set[tuple[int, int, str]] = set()
         self._snapshot: dict[str, list[tuple[float, dict[str, str]]]] = {}
-        if registry is not None:
-            registry.register(self)
-        if meter_provider is not None:
-            self._observe_with(meter_provider)
+        from ..config import metrics_option
+        from ..telemetry.sinks import choose, global_meter_provider
+
+        self.registry = registry
+        sink = choose(metrics_option(metrics), registry, meter_provider)
+        if sink in ("prometheus", "both"):
+            (REGISTRY if registry is None else registry).register(self)
+        if sink in ("opentelemetry", "both"):
+            self._observe_with(meter_provider or global_meter_provider())
 
     # -- the OpenTelemetry path ----------------------------------------------------------------
 
@@ -141,7 +152,7 @@ class PgActivityCollector:
                     }
                 return [Observation(v, labels) for v, labels in self._snapshot.get(name, ())]
             except Exception:
-                internal_error("pg_activity")
+                internal_error("pg_activity", self.registry)
                 return []
 
         return observe

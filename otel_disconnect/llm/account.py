@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from ..routes import route_template
-from ..state import RequestState
+from ..state import Extension, RequestState
 from ..telemetry import spans
 from ..telemetry.metrics import Metrics, metrics_for
 
@@ -50,7 +50,7 @@ KEY = "otel_disconnect.llm.tokens"
 # observers then skip parsing (the engine's count is exact).
 ENGINE_KEY = "otel_disconnect.llm.engine"
 
-# Upstream streams still open when the request ended (not in SPEC section 5; a gateway's leak).
+# Upstream streams still open when the request ended (not a span attribute; a gateway's leak).
 UPSTREAM_OPEN_AT_END = "disconnect.llm.upstream_streams_open"
 
 # After the request ended, generation counts as finished once no token came for this long; then
@@ -160,7 +160,7 @@ class Tally:
         return int(total), int(after), int(delivered), bool(estimated)
 
 
-class TokenAccount:
+class TokenAccount(Extension):
     """The recorder's integration object for tokens: ``span_attributes`` and ``record_end``."""
 
     __slots__ = (

@@ -24,8 +24,9 @@ from typing import Any
 
 import wrapt
 
+from ..context import current_state
 from ..failsafe import internal_error
-from ..state import RequestState, current
+from ..state import RequestState
 from .account import ENGINE_KEY, UPSTREAM, Segment, TokenAccount, account_for
 from .openai_stream import JSONUsageParser, SSEUsageParser
 
@@ -205,7 +206,7 @@ def _patch(mod: types.ModuleType) -> None:
     original_sync = mod.Client.send
 
     async def send_async(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        state = current()
+        state = current_state()
         if state is None:
             return await original_async(self, request, *args, **kwargs)
         started = time.perf_counter()
@@ -217,7 +218,7 @@ def _patch(mod: types.ModuleType) -> None:
         return response
 
     def send_sync(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        state = current()
+        state = current_state()
         if state is None:
             return original_sync(self, request, *args, **kwargs)
         started = time.perf_counter()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..context import current_state
 from ..failsafe import internal_error
-from ..state import current
 from .account import EXPLICIT, Segment, account_for
 
 
@@ -16,7 +16,7 @@ def record_tokens(n: int = 1, *, model: str | None = None) -> None:
     only. Explicit counts take precedence over the automatic sources (httpx upstream streams,
     the app's own OpenAI-compatible response), so nothing is counted twice.
     """
-    state = current()
+    state = current_state()
     if state is None or n < 0:
         return
     try:
@@ -28,4 +28,4 @@ def record_tokens(n: int = 1, *, model: str | None = None) -> None:
             tally.add_segment(Segment(state.start_perf), state.detected_perf)
         account.counted(state, tally.open[0], int(n), delivered=False)
     except Exception:
-        internal_error("record_tokens")
+        internal_error("record_tokens", metrics=state.metrics)

@@ -6,9 +6,9 @@ for one request, whatever the request asked for (streamed deltas, or only the fi
 non-streaming request). Three methods of it are wrapped:
 
 - ``add_request``: runs in the HTTP request's task (``AsyncLLM.generate`` → ``add_request``), so
-  ``current()`` is that request: its engine request id is tied to the request's token account and
-  ``state.extras[ENGINE_KEY]`` is set at once (the response and upstream parsers skip the body
-  then: the engine's count is exact, theirs would be a second, worse one).
+  ``current_state()`` is that request: its engine request id is tied to the request's token
+  account and ``state.extras[ENGINE_KEY]`` is set at once (the response and upstream parsers skip
+  the body then: the engine's count is exact, theirs would be a second, worse one).
 - ``process_outputs``: counts ``len(new_token_ids)`` per tied request, per step (a dict lookup and
   a ``len`` per engine output): exact with several tokens per step (speculative decoding, merged
   deltas), and for non-streaming requests too.
@@ -35,8 +35,9 @@ from typing import Any
 
 import wrapt
 
+from ..context import current_state
 from ..failsafe import internal_error
-from ..state import STOPPED_ENGINE_ABORT, RequestState, current
+from ..state import STOPPED_ENGINE_ABORT, Extension, RequestState
 from ..telemetry.metrics import metrics_for
 from .account import ENGINE, ENGINE_KEY, Segment, TokenAccount, account_for
 
@@ -129,7 +130,7 @@ def _patch_async_llm(cls: Any) -> None:
         return
 
     def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
-        state = current()
+        state = current_state()
         if state is not None:
             try:
                 name = self.model_config.served_model_name
@@ -155,7 +156,7 @@ def _patch_output_processor(cls: Any) -> None:
 
     def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         result = original_add(self, request, *args, **kwargs)
-        state = current()
+        state = current_state()
         if state is not None:
             try:
                 request_id = request.request_id
@@ -215,7 +216,7 @@ def _patch_output_processor(cls: Any) -> None:
     cls.abort_requests = abort_requests
 
 
-class EngineMark:
+class EngineMark(Extension):
     """``state.extras[ENGINE_KEY]``: the engine counts this request's tokens (the response and
     upstream parsers skip it); the served model name its ``AsyncLLM`` reported."""
 

@@ -6,7 +6,6 @@ object for the same registry, so two middlewares on one registry never register 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from ..compat.prometheus import fast_dec, fast_inc
 from .catalog import CLIENT_WAIT_BUCKETS, METRICS, PREFIX, WORK_AFTER_BUCKETS, MetricSpec
 
 logger = logging.getLogger("otel_disconnect")
@@ -88,7 +88,7 @@ class Metrics:
         key = (route, method)
         inc = self._requests_children.get(key)
         if inc is None:
-            inc = self._requests_children[key] = _fast_inc(self.requests.labels(route, method))
+            inc = self._requests_children[key] = fast_inc(self.requests.labels(route, method))
         inc()
 
 
@@ -160,8 +160,8 @@ class InFlight:
         self.disconnected, self.zombie_ended = moved, zombies.discard
 
     def _use_gauges(self, connected: Any, disconnected: Any) -> None:
-        inc, dec = _fast_inc(connected), _fast_dec(connected)
-        zombie_inc, zombie_dec = _fast_inc(disconnected), _fast_dec(disconnected)
+        inc, dec = fast_inc(connected), fast_dec(connected)
+        zombie_inc, zombie_dec = fast_inc(disconnected), fast_dec(disconnected)
 
         def arrived(state: object) -> None:
             inc()
@@ -182,18 +182,6 @@ class InFlight:
             moved,
             zombie_ended,
         )
-
-
-def _fast_inc(child: Any) -> Any:
-    value = getattr(child, "_value", None)
-    inc = getattr(value, "inc", None)
-    return functools.partial(inc, 1) if inc is not None else child.inc
-
-
-def _fast_dec(child: Any) -> Any:
-    value = getattr(child, "_value", None)
-    inc = getattr(value, "inc", None)
-    return functools.partial(inc, -1) if inc is not None else child.dec
 
 
 def _register(registry: CollectorRegistry, metric: Any) -> str | None:

@@ -31,8 +31,6 @@ class Recorder:
 
     def disconnect(self, state: RequestState) -> None:
         m = self.metrics
-        # For tokens a producer counts after the request ended (llm.account): off the hot path.
-        state.metrics = m
         route = state.route = route_template(state.scope)
         offset = state.offset_s or 0.0
         m.client_wait.labels(route).observe(offset)
@@ -44,9 +42,7 @@ class Recorder:
         )
         if state.extras:
             for extra in list(state.extras.values()):
-                hook = getattr(extra, "on_disconnect", None)
-                if hook is not None:
-                    hook(state)
+                extra.on_disconnect(state)
 
     def write_span(self, state: RequestState, work_end_perf: float) -> None:
         """Write the request-level attributes once, before the server span ends."""
@@ -76,9 +72,7 @@ class Recorder:
             attrs[spans.STREAM_END] = state.stream_end
         if state.extras:
             for extra in list(state.extras.values()):
-                hook = getattr(extra, "span_attributes", None)
-                if hook is not None:
-                    attrs.update(hook(state))
+                attrs.update(extra.span_attributes(state))
         spans.set_attributes(state.span, attrs)
 
     def end(self, state: RequestState) -> None:
@@ -101,6 +95,4 @@ class Recorder:
             self.write_span(state, now)
         if state.extras:
             for extra in list(state.extras.values()):
-                hook = getattr(extra, "record_end", None)
-                if hook is not None:
-                    hook(state, m, route)
+                extra.record_end(state, m, route)

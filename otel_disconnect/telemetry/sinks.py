@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from ..compat.opentelemetry import sdk_metric_readers
 from .metrics import Metrics, metrics_for, multiprocess_mode, select
 
 logger = logging.getLogger("otel_disconnect")
@@ -59,25 +60,6 @@ def exports_somewhere(provider: Any) -> bool:
         return True
     readers = sdk_metric_readers(provider)
     return True if readers is None else bool(readers)
-
-
-def sdk_metric_readers(provider: Any) -> list[Any] | None:
-    """The SDK MeterProvider's metric readers, or None when they cannot be read.
-
-    The SDK has no public accessor. ``_metric_readers`` (SDK 1.28 and later) or
-    ``_sdk_config.metric_readers`` (before) is the one private read this package makes of it;
-    tests/test_otel_sink.py fails when neither works. Without it every SDK provider counts as
-    exporting.
-    """
-    readers = getattr(provider, "_metric_readers", None)
-    if readers is None:
-        readers = getattr(getattr(provider, "_sdk_config", None), "metric_readers", None)
-    if readers is None:
-        return None
-    try:
-        return list(readers)
-    except TypeError:
-        return None
 
 
 def choose(metrics: str, registry: CollectorRegistry | None, meter_provider: Any) -> str:

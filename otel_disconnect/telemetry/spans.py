@@ -1,4 +1,4 @@
-"""Span attribute and event names of SPEC section 5, and writing them onto the server span."""
+"""Span attribute and event names (docs/reference.md), and writing them onto the server span."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry import trace
+
+from ..compat import opentelemetry as _otel_compat
 
 DETECTED = "disconnect.detected"
 PHASE = "disconnect.phase"
@@ -37,6 +39,9 @@ EVENT_CLIENT_DISCONNECT = "client.disconnect"
 EVENT_DB_TRANSACTION_INTERRUPTED = "db.transaction.interrupted"
 EVENT_DB_TRANSACTION_ORPHANED = "db.transaction.orphaned"
 
+# Read once per request by the middleware (a module attribute, so a test can replace it).
+current_span: Callable[[], Any] = _otel_compat.current_span
+
 
 def recording(span: Any) -> bool:
     """True for a span that still takes attributes (not ended, not a no-op span)."""
@@ -56,34 +61,6 @@ def add_event(span: Any, name: str, attributes: Mapping[str, Any], timestamp_ns:
         span.add_event(name, dict(attributes), timestamp=timestamp_ns)
 
 
-def _span_reader() -> Callable[[], Any]:
-    """How to read the current span once per request, as cheaply as the context allows.
-
-    ``trace.get_current_span()`` is four Python calls and an ABC ``isinstance``; with the default
-    contextvars runtime context the span is one ``ContextVar.get()`` and a dict lookup away. Any
-    other runtime context (``OTEL_PYTHON_CONTEXT``), or a future layout of these private names,
-    gets the public function.
-    """
-    try:
-        from opentelemetry import context as otel_context
-        from opentelemetry.trace.propagation import _SPAN_KEY
-
-        runtime = otel_context._RUNTIME_CONTEXT
-        var = runtime._current_context  # type: ignore[attr-defined]
-        if type(runtime).__name__ != "ContextVarsRuntimeContext" or not hasattr(var, "get"):
-            return trace.get_current_span
-    except Exception:
-        return trace.get_current_span
-    get = var.get
-
-    def current_span() -> Any:
-        # None (no span) is what recording() treats as "nothing to write on".
-        return get().get(_SPAN_KEY)
-
-    return current_span
-
-
-current_span: Callable[[], Any] = _span_reader()
 
 
 def exemplar_context(span: Any) -> Any:

@@ -13,8 +13,9 @@ import sqlalchemy
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
+from otel_disconnect.context import reset_current, set_current
 from otel_disconnect.db.engine import KEY, ConnState, instrument_engine
-from otel_disconnect.state import RequestState, _current
+from otel_disconnect.state import RequestState
 
 from ..servers import wait_for
 from .conftest import ASYNC_DRIVERS, Activity, make_engine, rows_of
@@ -40,9 +41,9 @@ class Db:
 @pytest.fixture
 def db(pg_url: str, app_name: str, activity: Activity, pg_table: str) -> Iterator[Db]:
     state = RequestState({"type": "http", "method": "GET"})
-    token = _current.set(state)
+    token = set_current(state)
     yield Db(pg_url, app_name, activity, state, CollectorRegistry())
-    _current.reset(token)
+    reset_current(token)
     activity.terminate(app_name)
 
 

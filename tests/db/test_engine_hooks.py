@@ -11,9 +11,10 @@ import sqlalchemy
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
+from otel_disconnect.context import reset_current, set_current
 from otel_disconnect.db import checkouts
 from otel_disconnect.db.engine import KEY, instrument_engine, is_instrumented, uninstrument_engine
-from otel_disconnect.state import RequestState, _current
+from otel_disconnect.state import RequestState
 
 OUTCOMES = ("clean", "rolled_back", "terminated", "invalidated")
 
@@ -27,7 +28,7 @@ def _checkins(registry: CollectorRegistry) -> dict[str, float]:
 
 def _request() -> tuple[RequestState, Any]:
     state = RequestState({"type": "http", "method": "GET"})
-    return state, _current.set(state)
+    return state, set_current(state)
 
 
 def _states(state: RequestState) -> list[str]:
@@ -63,7 +64,7 @@ def test_sqlite_transaction_states_and_checkins() -> None:
             conn.invalidate()
         assert _checkins(registry)["invalidated"] == 1
     finally:
-        _current.reset(token)
+        reset_current(token)
         engine.dispose()
 
 
@@ -108,7 +109,7 @@ def test_statement_running_is_active_while_the_driver_runs_it() -> None:
         assert seen == [["active"]] * 4
         assert _internal_errors(registry) == 0
     finally:
-        _current.reset(token)
+        reset_current(token)
         engine.dispose()
 
 
@@ -179,7 +180,7 @@ def test_driver_exceptions_propagate_unchanged_and_clear_the_state() -> None:
         assert _checkins(registry)["invalidated"] == 1
         assert _internal_errors(registry) == 0
     finally:
-        _current.reset(token)
+        reset_current(token)
         engine.dispose()
         # The raised exceptions' tracebacks hold this frame (the engine, the request state), and
         # the engine's hooks hold the stand-in driver methods that hold them: let them all go.
@@ -221,7 +222,7 @@ def test_commit_and_rollback_states_while_the_driver_ends_the_transaction() -> N
         ]
         assert _checkins(registry) == {**dict.fromkeys(OUTCOMES, 0.0), "clean": 1.0}
     finally:
-        _current.reset(token)
+        reset_current(token)
         engine.dispose()
 
 
@@ -272,7 +273,7 @@ def test_uninstrument_under_someone_elses_wrapper_leaves_it_working() -> None:
             assert conn.execute(text("SELECT 7")).scalar_one() == 7
         assert calls == ["SELECT 7"] and state.extras is None
     finally:
-        _current.reset(token)
+        reset_current(token)
         engine.dispose()
 
 
@@ -300,7 +301,7 @@ def test_two_engines_are_instrumented_independently() -> None:
             assert _states(state) == ["idle_in_transaction"]  # c's only
         assert _checkins(reg_a)["clean"] == 1 and _checkins(reg_c)["clean"] == 2
     finally:
-        _current.reset(token)
+        reset_current(token)
         for engine in (a, b, c):
             engine.dispose()
 
@@ -324,7 +325,7 @@ def test_invalidated_mid_transaction_then_reconnected() -> None:
                                        "clean": 1.0}
         assert _internal_errors(registry) == 0
     finally:
-        _current.reset(token)
+        reset_current(token)
         engine.dispose()
 
 
@@ -366,7 +367,7 @@ def test_async_sqlite_engine() -> None:
                 await conn.execute(text("SELECT 1"))
                 return _states(state)
         finally:
-            _current.reset(token)
+            reset_current(token)
             await engine.dispose()
 
     assert asyncio.run(main()) == ["idle_in_transaction"]

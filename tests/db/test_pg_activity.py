@@ -107,7 +107,7 @@ def test_gauges_match_pg_stat_activity(
 
 
 def test_its_own_session_is_bounded_and_never_in_a_transaction(pg: EmbeddedPostgres) -> None:
-    collector = PgActivityCollector(pg.dsn, registry=None, statement_timeout_s=1.5)
+    collector = PgActivityCollector(pg.dsn, registry=CollectorRegistry(), statement_timeout_s=1.5)
     try:
         list(collector.collect())
         conn = collector._conn
@@ -216,7 +216,7 @@ def test_collector_follows_an_engine_on_a_unix_socket(driver: str) -> None:
         engine: Any = create_async_engine(url) if driver == "asyncpg" else create_engine(url)
         with pytest.raises(psycopg.OperationalError):  # no TCP listener
             psycopg.connect(f"host=127.0.0.1 port={server.port} user=postgres", connect_timeout=2)
-        collector = PgActivityCollector(engine, registry=None)
+        collector = PgActivityCollector(engine, registry=CollectorRegistry())
         try:
             up = {m.name: m for m in collector.collect()}["otel_disconnect_pg_up"]
             assert up.samples[0].value == 1

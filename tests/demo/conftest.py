@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from otel_disconnect.demo.postgres import EmbeddedPostgres
-from otel_disconnect.demo.serving import Server
+from otel_disconnect.tools.demo.postgres import EmbeddedPostgres
+from otel_disconnect.tools.demo.serving import Server
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def demo_pg() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def llm_url() -> Iterator[str]:
-    from otel_disconnect.llm_sim import SimConfig, create_app
+    from otel_disconnect.tools.llm_sim import SimConfig, create_app
 
     server = Server(create_app(SimConfig(ttft=0.4, tokens_per_second=40, max_tokens=4000)))
     server.start()

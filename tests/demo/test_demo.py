@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from otel_disconnect.demo.postgres import free_port
+from otel_disconnect.tools.demo.postgres import free_port
 from tests.conftest import require_binary
 
 DURATION = "12"

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from otel_disconnect.demo.app import GatewayConfig, create_app
-from otel_disconnect.demo.postgres import free_port
-from otel_disconnect.demo.serving import Server
+from otel_disconnect.tools.demo.app import GatewayConfig, create_app
+from otel_disconnect.tools.demo.postgres import free_port
+from otel_disconnect.tools.demo.serving import Server
 
 
 def probe(*args: str) -> subprocess.CompletedProcess[str]:

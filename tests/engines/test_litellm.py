@@ -1,5 +1,5 @@
 """The LiteLLM proxy (real, .matrix/ environment) under ``opentelemetry-instrument``, routing to
-``python -m otel_disconnect.llm_sim``, which records the ground truth (tokens, abort)."""
+``otel-disconnect sim``, which records the ground truth (tokens, abort)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     argv = [
         sys.executable,
         "-m",
-        "otel_disconnect.llm_sim",
+        "otel_disconnect",
+        "sim",
         "--port",
         "{port}",
         "--ttft",

@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from otel_disconnect.llm_sim import SimConfig, Simulator, create_app
+from otel_disconnect.tools.llm_sim import SimConfig, Simulator, create_app
 
 from ..conftest import Telemetry
 from ..servers import RawClient, ServerThread, serve, wait_for

@@ -10,7 +10,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from otel_disconnect import current, instrument_app
+from otel_disconnect import instrument_app
+from otel_disconnect.context import current_state
 
 from ..conftest import Telemetry
 from ..servers import RawClient, serve, wait_for
@@ -29,7 +30,7 @@ def build_proxy(upstream: str, mode: str, states: dict[str, Any], telemetry: Tel
     @app.post(ROUTE)
     async def chat(request: Request) -> StreamingResponse:
         body = await request.json()
-        states[body["user"]] = current()
+        states[body["user"]] = current_state()  # the record: the test reads its detection time
         if mode == "propagating":
             async def relay() -> Any:
                 async with client.stream("POST", ROUTE, json=body) as response:

@@ -107,7 +107,7 @@ def test_keep_generating_after_disconnect() -> None:
 def test_python_dash_m_runs_the_server() -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "otel_disconnect.llm_sim", "--port", str(port), "--ttft", "0",
+        [sys.executable, "-m", "otel_disconnect", "sim", "--port", str(port), "--ttft", "0",
          "--tokens-per-second", "1000", "--max-tokens", "3", "--model", "m-cli"],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -141,8 +141,8 @@ def test_instrumented_simulator_counts_tokens_generated_for_nobody() -> None:
     registry); the engine's record_tokens() counts what it generates after the client left."""
     from prometheus_client import REGISTRY
 
-    from otel_disconnect.llm_sim import SimConfig, Simulator, create_app
     from otel_disconnect.telemetry.metrics import metrics_for
+    from otel_disconnect.tools.llm_sim import SimConfig, Simulator, create_app
 
     from ..servers import serve
 

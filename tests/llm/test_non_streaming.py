@@ -9,7 +9,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from otel_disconnect import current, instrument_app
+from otel_disconnect import instrument_app
+from otel_disconnect.context import current_state
 from otel_disconnect.llm import record_tokens
 
 from ..conftest import Telemetry
@@ -26,7 +27,7 @@ def build_app(upstream: str, states: dict[str, Any], telemetry: Telemetry) -> Fa
     @app.post("/per-token")
     async def per_token(body: dict[str, Any]) -> dict[str, str]:
         """Streams from the engine and records each token as it comes: exact."""
-        states["per-token"] = current()
+        states["per-token"] = current_state()  # the record: the test reads its detection time
         body = {**body, "stream": True, "user": "per-token"}
         text = []
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -39,7 +40,7 @@ def build_app(upstream: str, states: dict[str, Any], telemetry: Telemetry) -> Fa
     @app.post("/usage-only")
     async def usage_only(body: dict[str, Any]) -> Any:
         """Awaits the whole completion: only its usage total is known, so the split is estimated."""
-        states["usage-only"] = current()
+        states["usage-only"] = current_state()  # the record: the test reads its detection time
         response = await client.post("/v1/chat/completions", json={**body, "user": "usage-only"})
         return response.json()
 

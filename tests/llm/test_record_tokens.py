@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from otel_disconnect import current, instrument_app
+from otel_disconnect.context import current_state
 from otel_disconnect.llm import record_tokens
 
 from ..conftest import Telemetry
@@ -26,7 +27,7 @@ def build_app(states: dict[str, Any], times: list[float], telemetry: Telemetry) 
 
     @app.get("/produce")
     async def produce() -> StreamingResponse:
-        states["state"] = current()
+        states["state"] = current_state()  # the record: the test reads its detection time
         queue: asyncio.Queue[str | None] = asyncio.Queue()
 
         async def producer() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from otel_disconnect import instrument_app
-from otel_disconnect.llm_sim import SimConfig, Simulator, create_app
+from otel_disconnect.tools.llm_sim import SimConfig, Simulator, create_app
 
 from ..conftest import Telemetry
 from ..servers import RawClient, serve, wait_for

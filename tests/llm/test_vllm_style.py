@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from otel_disconnect import DisconnectMiddleware
 from otel_disconnect.llm import record_tokens
-from otel_disconnect.llm_sim import Generation, SimConfig, Simulator
+from otel_disconnect.tools.llm_sim import Generation, SimConfig, Simulator
 
 from ..conftest import Telemetry
 from ..servers import RawClient, serve, wait_for

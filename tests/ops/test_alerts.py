@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from otel_disconnect.ops.alerts import ALERTS, RUNBOOK_BASE
+from otel_disconnect.tools.ops.alerts import ALERTS, RUNBOOK_BASE
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from otel_disconnect.ops import provisioning
+from otel_disconnect.tools.ops import provisioning
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def test_alertmanager_config_routes_to_the_webhook_service() -> None:
     assert hooks
     host_port = hooks[0]["url"].split("//", 1)[1].split("/", 1)[0]
     assert_target(host_port, "webhook")
-    assert "otel_disconnect.ops.webhook" in services()["alert-log"]["command"]
+    assert services()["alert-log"]["command"][:2] == ["otel-disconnect", "webhook"]
     if amtool is not None:  # shipped with Debian's prometheus-alertmanager
         done = subprocess.run([amtool, "check-config",
                                str(ROOT / "deploy/alertmanager/alertmanager.yml")],

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from otel_disconnect.ops.generate import DASHBOARDS
 from otel_disconnect.telemetry import metrics as metric_defs
+from otel_disconnect.tools.ops.generate import DASHBOARDS
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ("otel-disconnect-overview.json", "otel-disconnect-llm.json", "otel-disconnect-db.json")

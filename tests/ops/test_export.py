@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from otel_disconnect.cli import main
-from otel_disconnect.ops import generate
+from otel_disconnect.tools.cli import main
+from otel_disconnect.tools.ops import generate
 
 
 def test_export_writes_dashboards_rules_and_provisioning(tmp_path: Path, capsys: object) -> None:

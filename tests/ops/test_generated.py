@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from otel_disconnect.ops import __main__ as ops_main
-from otel_disconnect.ops import generate, provisioning, yaml_out
-from otel_disconnect.ops.alerts import rules_document
+from otel_disconnect.tools.cli import main as cli_main
+from otel_disconnect.tools.ops import generate, provisioning, yaml_out
+from otel_disconnect.tools.ops.alerts import rules_document
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("rel", sorted(generate.repository_files()))
 def test_committed_file_equals_generated(rel: str) -> None:
     path = ROOT / rel
-    assert path.is_file(), f"{rel} missing: run python -m otel_disconnect.ops"
+    assert path.is_file(), f"{rel} missing: run otel-disconnect generate"
     assert path.read_text(encoding="utf-8") == generate.repository_files()[rel], (
-        f"{rel} differs from the generated file: run python -m otel_disconnect.ops"
+        f"{rel} differs from the generated file: run otel-disconnect generate"
     )
 
 
@@ -32,7 +32,7 @@ def test_every_dashboard_and_rule_file_in_the_repo_is_generated() -> None:
 
 def test_regenerate_command_writes_an_identical_tree(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("")
-    assert ops_main.main([str(tmp_path)]) == 0
+    assert cli_main(["generate", str(tmp_path)]) == 0
     for rel, text in generate.repository_files().items():
         assert (tmp_path / rel).read_text(encoding="utf-8") == text
     # A second run finds nothing to change.

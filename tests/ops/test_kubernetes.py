@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from otel_disconnect.ops import generate
-from otel_disconnect.ops.alerts import ALERTS, rules_document
+from otel_disconnect.tools.ops import generate
+from otel_disconnect.tools.ops.alerts import ALERTS, rules_document
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
