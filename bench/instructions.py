@@ -171,6 +171,7 @@ def main() -> None:
         if redis is not None:
             redis.terminate()
             redis.wait(timeout=30)
+            shutil.rmtree(os.path.dirname(os.environ["BENCH_REDIS_URL"][len("unix://") :]))
 
 
 def _redis() -> subprocess.Popen[bytes]:
