@@ -14,7 +14,9 @@ nothing. The variants:
   OpenTelemetry, so the middleware's own cost is not diluted by the SDK's;
 - ``disconnect-nocount``, ``otel+disconnect-nocount`` (not in the default set): the same with
   ``count_tokens="off"``: the middleware passing a stream through without counting its tokens,
-  the baseline the cost of counting is measured against.
+  the baseline the cost of counting is measured against;
+- ``disconnect-fleet`` (not in the default set): ``disconnect`` on the fleet channel, on the Redis
+  at ``BENCH_REDIS_URL`` (instructions.py starts one): what the channel adds per request.
 
 Routes: ``/hello`` (small JSON), ``/stream`` (10 small SSE events that are not completion chunks),
 ``/chat`` (an OpenAI chat-completion stream: 10 ``chat.completion.chunk`` events of one token
@@ -36,7 +38,9 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 VARIANTS = ("bare", "otel", "otel+disconnect", "otel+disconnect+sdkmetrics", "otel+naive")
-ALL_VARIANTS = (*VARIANTS, "disconnect", "disconnect-nocount", "otel+disconnect-nocount")
+ALL_VARIANTS = (
+    *VARIANTS, "disconnect", "disconnect-nocount", "otel+disconnect-nocount", "disconnect-fleet"
+)
 # What overhead.py and micro.py run unless told: the sink comparison is instructions.py's.
 DEFAULT_VARIANTS = ("bare", "otel", "otel+disconnect", "otel+naive")
 STREAM_CHUNKS = 10
@@ -136,7 +140,8 @@ def create_app(variant: str) -> FastAPI:
     if variant.startswith("disconnect"):
         from otel_disconnect import DisconnectMiddleware
 
-        app.add_middleware(DisconnectMiddleware, count_tokens=count_tokens)
+        fleet = {"redis_url": os.environ["BENCH_REDIS_URL"]} if variant.endswith("-fleet") else {}
+        app.add_middleware(DisconnectMiddleware, count_tokens=count_tokens, **fleet)
     elif variant != "bare":
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 

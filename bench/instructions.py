@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -163,6 +164,37 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
     os.environ["PYTHONHASHSEED"] = "0"  # the servers inherit it
+    redis = _redis() if any(v.endswith("-fleet") for v in args.variants) else None
+    try:
+        _measure(args)
+    finally:
+        if redis is not None:
+            redis.terminate()
+            redis.wait(timeout=30)
+            shutil.rmtree(os.path.dirname(os.environ["BENCH_REDIS_URL"][len("unix://") :]))
+
+
+def _redis() -> subprocess.Popen[bytes]:
+    """A redis-server on a Unix socket for the ``-fleet`` variants (their channel's tasks idle
+    in one blocking read: what is counted is what the channel adds to each request)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server is needed for the -fleet variants: apt-get install redis-server")
+    directory = tempfile.mkdtemp(prefix="bench-redis-")
+    sock = f"{directory}/redis.sock"
+    proc = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no",
+         "--dir", directory], stdout=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        if os.path.exists(sock):
+            break
+        time.sleep(0.05)
+    os.environ["BENCH_REDIS_URL"] = f"unix://{sock}"
+    return proc
+
+
+def _measure(args: argparse.Namespace) -> None:
     counters: dict[str, Callable[[str, str, int], int]] = {
         "uvicorn": _count_uvicorn,
         "uvicorn-concurrent": lambda v, p, n: _count_uvicorn(v, p, n, CONNECTIONS),

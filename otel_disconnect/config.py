@@ -98,6 +98,8 @@ class Config:
     count_tokens: str = "auto"
     retry_window_s: float = 30.0
     retry_identity: Callable[[Scope], str | bytes | None] | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    fleet: str = "default"
     registry: CollectorRegistry | None = None
     tracer_provider: TracerProvider | None = field(default=None, repr=False)
     metrics: str = "auto"
@@ -113,6 +115,8 @@ class Config:
         count_tokens: str | None = None,
         retry_window_s: float | None = None,
         retry_identity: Callable[[Scope], str | bytes | None] | str | None = None,
+        redis_url: str | None = None,
+        fleet: str | None = None,
         registry: CollectorRegistry | None = None,
         tracer_provider: TracerProvider | None = None,
         metrics: str | None = None,
@@ -165,6 +169,8 @@ class Config:
                 retry_identity if retry_identity is not None else _env("RETRY_IDENTITY"),
                 from_env=retry_identity is None,
             ),
+            redis_url=_redis_url(redis_url),
+            fleet=_fleet(fleet),
             registry=registry,
             tracer_provider=tracer_provider,
             metrics=sink,
@@ -256,6 +262,51 @@ def _identity_hook(
         value = found
     if not callable(value):
         raise ValueError(f"{where}={value!r}: expected a callable(scope) -> str | bytes | None")
+    return value
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
+_FLEET = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _redis_url(value: str | None) -> str | None:
+    """``redis_url`` / ``OTEL_DISCONNECT_REDIS_URL``: the fleet channel (checked, not connected)."""
+    name = "redis_url"
+    if value is None:
+        value, name = _env("REDIS_URL"), "OTEL_DISCONNECT_REDIS_URL"
+    if not value:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a URL string, got {value!r}")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in _REDIS_SCHEMES or not rest:
+        raise ValueError(
+            f"{name}: expected redis://host:port/db, rediss://... or unix:///path, got a value "
+            f"with scheme {scheme!r}"
+        )
+    if scheme.lower().startswith("valkey"):  # Valkey speaks the same protocol
+        value = "redis" + value[len("valkey") :]
+    try:
+        import redis.asyncio
+    except ImportError:
+        raise ValueError(
+            f"{name} is set but redis-py is missing: pip install 'otel-disconnect[redis]'"
+        ) from None
+    try:
+        redis.asyncio.ConnectionPool.from_url(value)  # parses only; no connection is made
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    return value
+
+
+def _fleet(value: str | None) -> str:
+    name = "fleet"
+    if value is None:
+        value, name = _env("FLEET"), "OTEL_DISCONNECT_FLEET"
+    if value is None or value == "":
+        return "default"
+    if not isinstance(value, str) or not _FLEET.fullmatch(value):
+        raise ValueError(f"{name}: 1 to 64 letters, digits, '.', '_' or '-', got {value!r}")
     return value
 
 

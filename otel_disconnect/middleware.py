@@ -46,6 +46,16 @@ class DisconnectMiddleware:
         self.recorder = Recorder(self._sink())
         # Shared by this middleware's requests: digests of recently disconnected requests.
         self.retries = RetryTracker(self.config.retry_window_s)
+        self.fleet: Any = None  # with redis_url: the fleet channel, started on the first request
+        if self.config.redis_url is not None and self.retries.enabled:
+            try:
+                from .fleet.process import FleetRetries
+
+                self.fleet = FleetRetries(
+                    self.config.redis_url, self.config.fleet, self.retries, self.config.registry
+                )
+            except Exception:
+                internal_error("fleet_start", self.config.registry)
         if self.config.count_tokens == "auto":
             try:
                 instrument_upstreams()  # LLM gateways: count what they read from upstream
@@ -62,6 +72,13 @@ class DisconnectMiddleware:
             return sink_for("prometheus", c.registry, None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fleet is not None:
+            # Background tasks on this loop, no I/O here; at lifespan start-up when the server
+            # runs it, so a worker hears the fleet before its first request.
+            try:
+                self.fleet.ensure_started()
+            except Exception:
+                internal_error("fleet_start", self.config.registry)
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
@@ -353,9 +370,10 @@ class _Cycle:
 
     # -- retries -------------------------------------------------------------------------------
 
-    def check_retry(self) -> None:
-        """Flag a request that repeats one whose client left within the retry window."""
-        if self.retry_checked:
+    def check_retry(self, again: bool = False) -> None:
+        """Flag a request that repeats one whose client left within the retry window.
+        ``again``: at the end, for a disconnect another process told us about meanwhile."""
+        if self.state.retry_of_disconnected or (self.retry_checked and not again):
             return
         self.retry_checked = True
         try:
@@ -375,7 +393,12 @@ class _Cycle:
         self.remembered = True
         try:
             route = route_template(self.scope)
-            self.retries.remember(self.fingerprint(route), self.state.detected_perf)
+            at = self.state.detected_perf
+            self.retries.disconnected(
+                self.fingerprint(route),
+                time.perf_counter() if at is None else at,
+                self.state.start_perf,
+            )
         except Exception:
             internal_error("retry", self.config.registry)
 
@@ -424,7 +447,7 @@ class _Cycle:
         if state.detected_perf is not None:
             state.set_outcome(outcome.decide(state, failure, state.response_complete))
         if self.retries.entries:
-            self.check_retry()
+            self.check_retry(again=self.retries.publish is not None)
         if state.detected_perf is not None and self.retries.enabled:
             self.remember_disconnect()
         self.recorder.end(state)

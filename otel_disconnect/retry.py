@@ -90,12 +90,15 @@ def fingerprint(
 class RetryTracker:
     """Fingerprints of recently disconnected requests. One per middleware, shared by requests."""
 
-    __slots__ = ("entries", "max_entries", "window_s")
+    __slots__ = ("entries", "max_entries", "publish", "window_s")
 
     def __init__(self, window_s: float, max_entries: int = MAX_ENTRIES) -> None:
         self.window_s = window_s
         self.max_entries = max_entries
         self.entries: OrderedDict[bytes, tuple[float, ...]] = OrderedDict()
+        # Set by the fleet channel (redis_url): tells the other processes, off the request path
+        # (fingerprint, disconnect time, the request's start time, both time.perf_counter()).
+        self.publish: Callable[[bytes, float, float], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -114,6 +117,13 @@ class RetryTracker:
         entries[fp] = (*times[-(TIMES_PER_ENTRY - 1) :], at)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
+
+    def disconnected(self, fp: bytes, at: float, started: float | None = None) -> None:
+        """A request of this process that began at ``started`` disconnected at ``at``: remember
+        it, and tell the fleet."""
+        self.remember(fp, at)
+        if self.publish is not None:
+            self.publish(fp, at, at if started is None else started)
 
     def is_retry(self, fp: bytes, started: float, now: float | None = None) -> bool:
         """True when ``fp`` disconnected before ``started`` (a request's own start, on the

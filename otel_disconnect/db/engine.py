@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from ..compat.sqlalchemy import context_entry_info, entry_info
 from ..context import current_state
 from ..failsafe import internal_error
+from ..fleet import process as fleet
 from ..state import Extension, RequestState
 from ..telemetry import spans
 from ..telemetry.metrics import Metrics, metrics_for
@@ -74,6 +75,8 @@ class ConnState:
 
     __slots__ = (
         "checked_in",
+        "claimed",
+        "database",
         "db_system",
         "metrics",
         "outcome",
@@ -85,9 +88,16 @@ class ConnState:
     )
 
     def __init__(
-        self, owner: RequestState | None, pid: int | None, db_system: str, metrics: Metrics
+        self,
+        owner: RequestState | None,
+        pid: int | None,
+        db_system: str,
+        metrics: Metrics,
+        database: str = "",
     ) -> None:
         self.owner = owner
+        self.database = database  # the database name, for the fleet's orphan events
+        self.claimed: str | None = None  # the owner a fleet orphan event named
         self.pid = pid
         self.db_system = db_system
         self.metrics = metrics
@@ -160,6 +170,8 @@ class DbRequest(Extension):
                 attributes[spans.DB_TRANSACTION_AGE_S] = age
             if conn.pid is not None:
                 attributes[spans.DB_BACKEND_PID] = conn.pid
+                if fleet.current() is not None:
+                    fleet.claim(conn, "disconnected", state)
             spans.add_event(
                 state.span, spans.EVENT_DB_TRANSACTION_INTERRUPTED, attributes, timestamp
             )
@@ -187,6 +199,12 @@ class DbRequest(Extension):
         return attributes
 
     def record_end(self, state: RequestState, metrics: Metrics, route: str) -> None:
+        if fleet.current() is not None:
+            # A connection still held in a transaction when its request ended: tell the fleet's
+            # pg-exporter whose it is (a leak, client or not).
+            for conn in self.left_open():
+                if conn.effective_state() != NONE:
+                    fleet.claim(conn, "ended", state)
         if state.detected_perf is None:
             return
         left = self.left_open()
@@ -216,6 +234,8 @@ class EngineHooks:
         self.engine = weakref.ref(engine)
         self.dialect = engine.dialect
         self.db_system = str(engine.dialect.name)
+        # The database name the fleet's orphan events carry (PostgreSQL's default: the user).
+        self.database = str(engine.url.database or engine.url.username or "")
         self.registry = registry
         self.metrics = metrics_for(registry)
         self.checkins = {
@@ -268,7 +288,7 @@ class EngineHooks:
                     self.dialect.get_driver_connection(dbapi_connection)
                 )
             state = current_state()
-            conn = ConnState(state, pid, self.db_system, self.metrics)
+            conn = ConnState(state, pid, self.db_system, self.metrics, self.database)
             info[KEY] = conn
             checked_out.add(id(record), conn)
             if state is not None:
@@ -313,6 +333,8 @@ class EngineHooks:
                 return
             conn.checked_in = True
             self.checkins[conn.outcome or default].inc()
+            if conn.claimed is not None:
+                fleet.release(conn)
             owner = conn.owner
             if owner is not None:
                 conn.owner = None
@@ -386,9 +408,24 @@ class EngineHooks:
             if not hooks.active:
                 return original(dbapi_connection)
             conn = conn_state(dbapi_connection, "db_begin", hooks.registry)
-            return _begin_on(conn, original, dbapi_connection)
+            result = _begin_on(conn, original, dbapi_connection)
+            if conn is not None:
+                owner = conn.owner
+                if owner is not None and (owner.detected_perf is not None or owner.ended):
+                    # Work that goes on after its client left (or after its request ended) may
+                    # begin a transaction only then, e.g. once its first connection is made:
+                    # the snapshot at detection or at the end missed it; the fleet hears of it.
+                    hooks.claim_late(conn, owner)
+            return result
 
         return do_begin
+
+    def claim_late(self, conn: ConnState, owner: RequestState) -> None:
+        try:
+            if fleet.current() is not None and conn.pid is not None:
+                fleet.claim(conn, "ended" if owner.ended else "disconnected", owner)
+        except Exception:
+            internal_error("db_begin", self.registry)
 
     def _begin_twophase(self, original: Any) -> Any:
         lookup = self._lookup_connection

@@ -92,6 +92,7 @@ class PgActivityCollector:
         connect_timeout_s: float = 3.0,
         application_name: str = "otel-disconnect",
         orphans: bool = True,
+        claims: Any = None,
         meter_provider: Any = None,
     ) -> None:
         if statement_timeout_s <= 0 or connect_timeout_s <= 0:
@@ -101,7 +102,11 @@ class PgActivityCollector:
         # libpq's connect_timeout takes whole seconds; 1 is its minimum useful value.
         self.connect_timeout_s = max(1, round(connect_timeout_s))
         self.application_name = application_name
-        self.orphans = orphans
+        # The fleet's claims (fleet.orphans.Claims, filled from Redis by pg-exporter --redis-url):
+        # backends other processes hold for requests that ended or lost their client.
+        self.claims = claims
+        self.orphans = orphans or claims is not None
+        self._query_started = 0.0
         self._conn: Any = None
         self._lock = threading.Lock()
         self._reported: set[tuple[int, int, str]] = set()
@@ -168,6 +173,7 @@ class PgActivityCollector:
     def _query(self) -> list[Row]:
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
+        self._query_started = time.monotonic()
         try:
             rows: list[Row] = self._conn.execute(_QUERY).fetchall()
             return rows
@@ -221,8 +227,9 @@ class PgActivityCollector:
         if self.orphans:
             families.append(GaugeMetricFamily(
                 PREFIX + "pg_orphaned_transactions",
-                "Backends idle in transaction that this process's pool holds for a request that "
-                "ended (a leak) or whose client disconnected.",
+                "Backends idle in transaction that a pool of this process (pg-exporter "
+                "--redis-url: of the fleet) holds for a request that ended (a leak) or whose "
+                "client disconnected.",
                 labels=["datname", "application_name", "owner"],
             ))
         families += [
@@ -242,6 +249,11 @@ class PgActivityCollector:
         apps: set[str] = set()
         timeout = 0.0
         owned = checkouts.by_pid() if self.orphans else {}
+        claims = (
+            self.claims.find([(r[0], r[3]) for r in rows if r[2] in _IDLE_IN_TRANSACTION])
+            if self.claims is not None
+            else {}
+        )
         seen: set[tuple[int, int, str]] = set()
         for datname, app_name, state_or_none, pid, since_change, xact_age, timeout_s in rows:
             timeout = timeout_s or 0.0
@@ -263,6 +275,15 @@ class PgActivityCollector:
             conn = owned.get(pid)
             owner_state = conn.owner if conn is not None else None
             if owner_state is None:
+                if claims:
+                    claim = claims.get((datname, pid))
+                    if claim is not None:
+                        okey = (datname, app, claim.owner)
+                        orphaned[okey] = orphaned.get(okey, 0) + 1
+                        report_key = (pid, claim.id, claim.owner)
+                        seen.add(report_key)
+                        if report_key not in self._reported:
+                            self._report_claim(claim, pid, since_change or 0.0, datname)
                 continue
             if owner_state.ended:
                 owner = "ended"
@@ -277,6 +298,14 @@ class PgActivityCollector:
             if report_key not in self._reported:
                 self._report(owner_state, pid, owner, since_change or 0.0, datname)
         self._reported = seen
+        if self.claims is not None:
+            present: dict[str, set[int]] = {}
+            for r in rows:
+                pids = present.get(r[0])
+                if pids is None:
+                    pids = present[r[0]] = set()
+                pids.add(r[3])
+            self.claims.prune(present, self._query_started)
         families = self._families()
         b, idle, xact = families[0], families[1], families[2]
         for key, count in backends.items():
@@ -292,6 +321,15 @@ class PgActivityCollector:
         families[-2].add_metric([], timeout)
         families[-1].add_metric([], 1)
         return families
+
+    def _report_claim(self, claim: Any, pid: int, idle_s: float, datname: str) -> None:
+        """Once per orphan another process of the fleet told us about: a log line."""
+        logger.warning(
+            "orphaned transaction: backend pid %d on %r idle in transaction for %.1fs, held by a "
+            "request that %s in %s (route %s, trace_id %s)",
+            pid, datname, idle_s, "ended" if claim.owner == "ended" else "lost its client",
+            claim.origin, claim.route or "unmatched", claim.trace_id or "-",
+        )
 
     def _report(self, owner: Any, pid: int, kind: str, idle_s: float, datname: str) -> None:
         """Once per orphan: a log line with the trace id, and an event on the span if it records."""

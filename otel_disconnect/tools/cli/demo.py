@@ -48,6 +48,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--safe", action="store_true",
                         help="with --serve: the gateway with cancellation, protect() and "
                              "guard_stream()")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="with --serve: uvicorn worker processes (several: set "
+                             "PROMETHEUS_MULTIPROC_DIR, and OTEL_DISCONNECT_REDIS_URL for "
+                             "fleet-wide retries)")
     parser.set_defaults(func=run)
 
 
@@ -95,9 +99,18 @@ def serve(args: argparse.Namespace) -> int:
         check_llm(args.llm_url)
     except DemoError as exc:  # the simulator may start after us in compose: not fatal
         print(f"{PROG}: warning: {exc}", file=sys.stderr)
-    app = create_app(GatewayConfig(llm_url=args.llm_url, database_url=args.database_url,
-                                   safe=args.safe))
     print(f"{PROG}: gateway on http://{args.host}:{args.port}/v1/chat/completions, metrics on "
           f"/metrics", flush=True)
+    workers = getattr(args, "workers", 1) or 1
+    if workers > 1:
+        # Each worker builds its own gateway from these (uvicorn imports a factory per worker).
+        os.environ["OTEL_DISCONNECT_DEMO_LLM_URL"] = args.llm_url
+        os.environ["OTEL_DISCONNECT_DEMO_DATABASE_URL"] = args.database_url
+        os.environ["OTEL_DISCONNECT_DEMO_SAFE"] = "1" if args.safe else ""
+        uvicorn.run("otel_disconnect.demo.app:create_app_from_env", factory=True,
+                    workers=workers, host=args.host, port=args.port, log_level="warning")
+        return 0
+    app = create_app(GatewayConfig(llm_url=args.llm_url, database_url=args.database_url,
+                                   safe=args.safe))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -29,6 +29,15 @@ def register(subparsers: Any) -> None:
         "--statement-timeout", type=float, default=2.0, metavar="SECONDS",
         help="server-side bound on each scrape's query (default 2)",
     )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("OTEL_DISCONNECT_REDIS_URL") or None,
+        help="the fleet's Redis (default: $OTEL_DISCONNECT_REDIS_URL): export the orphaned "
+             "transactions every process of the fleet reports",
+    )
+    parser.add_argument(
+        "--fleet", default=os.environ.get("OTEL_DISCONNECT_FLEET") or "default",
+        help="the fleet name the apps use (default: $OTEL_DISCONNECT_FLEET, then 'default')",
+    )
     parser.set_defaults(func=run)
 
 
@@ -41,11 +50,23 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         print("otel-disconnect pg-exporter: --dsn is required (or set OTEL_DISCONNECT_PG_DSN)")
         return 2
     registry = CollectorRegistry()
+    redis_url = getattr(args, "redis_url", None)
+    reader = None
+    if redis_url:
+        from otel_disconnect.config import Config
+        from otel_disconnect.fleet.reader import ClaimsReader
+
+        try:
+            Config.from_options(redis_url=redis_url, fleet=getattr(args, "fleet", None))
+        except ValueError as exc:
+            print(f"otel-disconnect pg-exporter: --redis-url / --fleet: {exc}")
+            return 2
+        reader = ClaimsReader(redis_url, args.fleet or "default", registry)
     collector = PgActivityCollector(
         args.dsn, registry=registry, statement_timeout_s=args.statement_timeout,
         application_name="otel-disconnect-pg-exporter",
-        # No pool lives in this process, so no backend can be attributed to a request here.
-        orphans=False,
+        # No pool lives in this process: orphans are known only from the fleet's events.
+        orphans=False, claims=reader.claims if reader is not None else None,
     )
     server, thread = start_http_server(args.port, addr=args.host, registry=registry)
     url = f"http://{args.host}:{args.port}/metrics"
@@ -62,4 +83,6 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         server.shutdown()
         thread.join(timeout=5)
         collector.close()
+        if reader is not None:
+            reader.stop()
     return 0

@@ -96,6 +96,17 @@ def _sse_text(line: str) -> str:
     return "".join(parts)
 
 
+def create_app_from_env() -> Any:
+    """``otel-disconnect demo --serve --workers N``: one gateway per uvicorn worker."""
+    import os
+
+    return create_app(GatewayConfig(
+        llm_url=os.environ["OTEL_DISCONNECT_DEMO_LLM_URL"],
+        database_url=os.environ["OTEL_DISCONNECT_DEMO_DATABASE_URL"],
+        safe=bool(os.environ.get("OTEL_DISCONNECT_DEMO_SAFE")),
+    ))
+
+
 def create_app(config: GatewayConfig, *, registry: Any = None, tracer_provider: Any = None,
                collector: bool = True) -> Any:
     """The gateway, instrumented, with ``/metrics`` (and pg_stat_activity when ``collector``)."""
