@@ -39,7 +39,9 @@ def test_the_disconnected_request_and_earlier_attempts_are_never_retries_of_it()
     # 0.05 s before that one is inside the grace, but began first.
     heard(tracker, disconnected=now, started=now - 0.1)
     assert not tracker.is_retry(FP, perf(now - 0.15))
-    assert not tracker.is_retry(FP, perf(now - 0.1))
+    # Its own start, as this process would see it: wall-clock and perf_counter conversions are
+    # made at different instants here and in the channel, so allow them a millisecond.
+    assert not tracker.is_retry(FP, perf(now - 0.1) - 0.001)
     assert tracker.is_retry(FP, perf(now - 0.05))
 
 
