@@ -139,14 +139,21 @@ class ReceivePump:
             return
         self._iter = None
         self._future = None
+        if self._step(it):
+            self._resume()
+
+    def _step(self, it: Any) -> bool:
+        """Run the parked read on once; True when it gave a message (now accepted). False when
+        it waits again or failed (the failure is handed on, as the server's receive raised)."""
         try:
             message = self._advance(it)
         except BaseException as exc:
             self._fail(exc)
-            return
-        if message is not None:
-            self._accept(message)
-            self._resume()
+            return False
+        if message is None:
+            return False
+        self._accept(message)
+        return True
 
     def _resume(self) -> None:
         """Read ahead again from inside the pump (a callback, or the app's receive()).
@@ -289,14 +296,8 @@ class ReceivePump:
                 with contextlib.suppress(Exception):
                     future.remove_done_callback(self._wake)
             self._iter = self._future = None
-            try:
-                message = self._advance(it)
-            except BaseException as exc:
-                self._fail(exc)
-                return
-            if message is not None:
-                self._accept(message)
-                return
+            if self._step(it) or self._iter is None:
+                return  # a message, or a failure: nothing is parked any more
         it, future = self._iter, self._future
         self._iter = self._future = None
         if future is not None:

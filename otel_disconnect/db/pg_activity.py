@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from ..failsafe import internal_error
 from ..telemetry import spans
 from ..telemetry.metrics import PREFIX
+from ..telemetry.spans import trace_id_hex
 from . import checkouts
 from .libpq_url import conninfo
 
@@ -57,14 +58,6 @@ def _dsn_of(dsn_or_engine: Any) -> str:
     if url is None:
         raise TypeError("PgActivityCollector needs a libpq DSN or a SQLAlchemy engine")
     return conninfo(url)
-
-
-def _trace_id(span: Any) -> str:
-    try:
-        context = span.get_span_context()
-        return format(context.trace_id, "032x") if context.trace_id else ""
-    except Exception:
-        return ""
 
 
 class PgActivityCollector:
@@ -334,7 +327,7 @@ class PgActivityCollector:
     def _report(self, owner: Any, pid: int, kind: str, idle_s: float, datname: str) -> None:
         """Once per orphan: a log line with the trace id, and an event on the span if it records."""
         span = owner.span
-        trace_id = _trace_id(span)
+        trace_id = trace_id_hex(span)
         logger.warning(
             "orphaned transaction: backend pid %d on %r idle in transaction for %.1fs, held by a "
             "request that %s (route %s, trace_id %s)",

@@ -10,11 +10,12 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
 from ..retry import RetryTracker
+from ..telemetry.spans import trace_id_hex
 from . import events
 from .channel import FleetChannel
 
@@ -117,7 +118,7 @@ def claim(conn: ConnState, owner: str, state: RequestState | None) -> None:
             db=conn.database,
             pid=conn.pid,
             owner=owner,
-            trace_id=_trace_id(span),
+            trace_id=trace_id_hex(span),
             route=(state.route or "") if state is not None else "",
         )
     )
@@ -132,11 +133,3 @@ def release(conn: ConnState) -> None:
     channel.publish(
         events.over(channel.fleet, channel.origin, time.time(), conn.database, conn.pid)
     )
-
-
-def _trace_id(span: Any) -> str:
-    try:
-        context = span.get_span_context()
-        return format(context.trace_id, "032x") if context.trace_id else ""
-    except Exception:
-        return ""

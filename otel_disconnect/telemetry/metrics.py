@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -223,16 +223,24 @@ def metrics_for(registry: CollectorRegistry | None = None) -> Any:
     return prometheus_metrics(reg)
 
 
-def prometheus_metrics(reg: CollectorRegistry) -> Metrics:
-    """The prometheus-client sink bound to ``reg``, created once."""
-    found = _by_registry.get(reg)
+def once(
+    table: MutableMapping[Any, Any], key: Any, lock: threading.Lock, make: Callable[[], Any]
+) -> Any:
+    """``table[key]``, made by ``make()`` the first time, once even when threads race."""
+    found = table.get(key)
     if found is not None:
         return found
-    with _create_lock:
-        found = _by_registry.get(reg)
+    with lock:
+        found = table.get(key)
         if found is None:
-            found = _by_registry[reg] = Metrics(reg)
+            found = table[key] = make()
         return found
+
+
+def prometheus_metrics(reg: CollectorRegistry) -> Metrics:
+    """The prometheus-client sink bound to ``reg``, created once."""
+    made: Metrics = once(_by_registry, reg, _create_lock, lambda: Metrics(reg))
+    return made
 
 
 def select(reg: CollectorRegistry, sink: Any) -> None:

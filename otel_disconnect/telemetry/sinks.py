@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from ..compat.opentelemetry import sdk_metric_readers
-from .metrics import Metrics, metrics_for, multiprocess_mode, select
+from .metrics import Metrics, metrics_for, multiprocess_mode, once, select
 
 logger = logging.getLogger("otel_disconnect")
 
@@ -95,11 +95,7 @@ def metrics_for_prometheus(registry: CollectorRegistry) -> Metrics:
 def _otel_sink(provider: Any) -> Any:
     from .otel_metrics import OtelMetrics
 
-    with _lock:
-        found = _otel.get(provider)
-        if found is None:
-            found = _otel[provider] = OtelMetrics(provider)
-        return found
+    return once(_otel, provider, _lock, lambda: OtelMetrics(provider))
 
 
 def _both_sink(registry: CollectorRegistry, provider: Any) -> Any:

@@ -63,6 +63,16 @@ def add_event(span: Any, name: str, attributes: Mapping[str, Any], timestamp_ns:
 
 
 
+def trace_id_hex(span: Any) -> str:
+    """The span's trace id as 32 hex digits (how logs and the fleet's events name a request),
+    or "" for no span."""
+    try:
+        context = span.get_span_context()
+        return format(context.trace_id, "032x") if context.trace_id else ""
+    except Exception:
+        return ""
+
+
 def exemplar_context(span: Any) -> Any:
     """A context holding only ``span``'s identity (no attributes, nothing of the request), for
     an observation made later from outside the request; None when there is no sampled span."""
