@@ -18,7 +18,7 @@ from typing import Any, TypeVar, cast
 import anyio
 
 from .context import current_state
-from .errors import ClientDisconnected
+from .errors import ClientDisconnected, is_disconnect_error
 from .state import RequestState
 
 T = TypeVar("T")
@@ -153,7 +153,8 @@ async def _guarded(
         end = END_CLIENT_DISCONNECT if _client_gone(state) else END_APP_BREAK
         raise
     except BaseException as exc:
-        end = END_CLIENT_DISCONNECT if _disconnect_error(exc) and _client_gone(state) else END_ERROR
+        gone = is_disconnect_error(exc) and _client_gone(state)
+        end = END_CLIENT_DISCONNECT if gone else END_ERROR
         raise
     finally:
         await _finish(agen, on_close, state, end or END_CLIENT_DISCONNECT)
@@ -161,10 +162,6 @@ async def _guarded(
 
 def _client_gone(state: RequestState | None) -> bool:
     return state is None or state.detected_perf is not None
-
-
-def _disconnect_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) or type(exc).__name__ == "ClientDisconnect"
 
 
 async def _finish(

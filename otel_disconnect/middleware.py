@@ -18,7 +18,7 @@ from . import outcome
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config, options_from
 from .context import reset_current, set_current
-from .errors import ClientDisconnected
+from .errors import ClientDisconnected, is_disconnect_error
 from .failsafe import internal_error, logger
 from .llm import instrument_upstreams
 from .llm.response_tokens import Observer, observer_for
@@ -500,12 +500,8 @@ def _warn_not_asyncio() -> None:
 
 
 def _failure_kind(exc: BaseException) -> str:
-    """A framework's "client went away" exception ends the request as cancelled, not as an error:
-    Starlette raises ``ClientDisconnect`` from ``request.stream()``, and ASGI 2.4 servers (or
-    ``raise_on_send_after_disconnect``) raise ``OSError`` from ``send()``."""
-    if isinstance(exc, OSError) or type(exc).__name__ == "ClientDisconnect":
-        return "disconnect_error"
-    return "error"
+    """A "client went away" exception ends the request as cancelled, not as an error."""
+    return "disconnect_error" if is_disconnect_error(exc) else "error"
 
 
 def _expects_continue(scope: Scope) -> bool:
