@@ -20,7 +20,7 @@ from .config import Config, options_from
 from .errors import ClientDisconnected
 from .failsafe import internal_error, logger
 from .llm import instrument_upstreams
-from .llm.response_tokens import Observer, observer_for
+from .llm.response_tokens import BATCH_CHUNKS, Observer, observer_for
 from .receive_pump import ReceivePump
 from .retry import BodyDigest, RetryTracker, client_identity, fingerprint
 from .routes import route_template
@@ -102,6 +102,7 @@ class DisconnectMiddleware:
             raise
         except BaseException as exc:
             failure = _failure_kind(exc)
+            cycle.send_failed(exc)
             raise
         finally:
             cycle.ended(failure)
@@ -130,6 +131,7 @@ class _Cycle:
         "scope",
         "send_downstream",
         "state",
+        "token_batch",
         "tokens",
         "trailers",
         "watch_handle",
@@ -153,6 +155,7 @@ class _Cycle:
         self.send_downstream = send
         self.trailers = False
         self.tokens: Observer | None = None  # an OpenAI-compatible response body's counter
+        self.token_batch: list[bytes] | None = None  # its batch (see send), when it has one
         self.pump: ReceivePump | None = None
         self.watch_handle: asyncio.Handle | None = None
         self.zombie = False  # counted in the "disconnected" in-flight series
@@ -251,6 +254,11 @@ class _Cycle:
         except Exception:
             internal_error("detection", self.config.registry)
             return
+        if self.token_batch:
+            # The chunks held back were handed to the server before the client left: counted
+            # as delivered now, before anything reads the account. Later ones come one by one.
+            self.flush_tokens()
+        self.token_batch = None
         try:
             self.recorder.metrics.in_flight.disconnected(state)
             self.zombie = True
@@ -274,7 +282,39 @@ class _Cycle:
 
     # -- the app's send ------------------------------------------------------------------------
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        """The app's ``send()``: a plain function, like ``receive``. Every chunk of a streamed
+        body sent while the client is there (the hot path of an LLM stream) goes straight to the
+        server's send, whose awaitable is returned: not the final message (no retry check, no
+        span to write), nothing dropped, no coroutine of ours per chunk. A token chunk of a
+        templated stream is only kept in the observer's batch, counted later in one go (see
+        flush_tokens): a list append here instead of a parser call per chunk. An ``OSError``
+        the server raises for such a chunk (ASGI 2.4: the client left) reaches the app as it
+        is, and the middleware detects it when it comes out of the app (``send_failed``)."""
+        if (
+            message.get("more_body")
+            and self.state.detected_perf is None
+            and message["type"] == "http.response.body"
+        ):
+            batch = self.token_batch
+            if batch is not None:
+                batch.append(message.get("body", b""))
+                if len(batch) >= BATCH_CHUNKS:
+                    self.flush_tokens()
+            elif self.tokens is not None:
+                self.feed_tokens(message, False)
+            return self.send_downstream(message)
+        return self.send_message(message)
+
+    def send_failed(self, exc: BaseException) -> None:
+        """The app raised ``exc``: an ``OSError`` out of a send on the hot path is how an ASGI
+        2.4 server says the client left, as the slow path detects it at once."""
+        if isinstance(exc, OSError) and not self.state.response_complete:
+            self.detect("send_error")
+
+    async def send_message(self, message: Message) -> None:
+        """Every other message: the response start, the final body, trailers, and everything
+        sent once the client is gone."""
         state = self.state
         final = False
         kind = message["type"]
@@ -295,15 +335,7 @@ class _Cycle:
         if final and self.retries.entries:  # someone disconnected lately: is this a retry?
             self.check_retry()  # before the final body: the server span ends with it
         if self.tokens is not None and kind == "http.response.body":
-            # OpenAI-compatible responses: tokens in chunks sent before detection were delivered.
-            # Each observer returns the one to keep; ordinary responses drop to None at once.
-            try:
-                self.tokens = self.tokens.feed(
-                    state, message.get("body", b""), state.detected_perf is None, final
-                )
-            except Exception:
-                self.tokens = None
-                internal_error("count_tokens", self.config.registry)
+            self.feed_tokens(message, final)
         if final and state.extras and state.detected_perf is None:
             # Token counts of a normal request: the server span ends right after this message.
             self.write_span_now()
@@ -325,6 +357,33 @@ class _Cycle:
                     self.pump.close()
                 except Exception:
                     internal_error("send", self.config.registry)
+
+    def feed_tokens(self, message: Message, final: bool) -> None:
+        """OpenAI-compatible responses: tokens in chunks sent before detection were delivered.
+        Each observer returns the one to keep; ordinary responses drop to None at once."""
+        tokens = self.tokens
+        if tokens is None:
+            return
+        state = self.state
+        try:
+            tokens = self.tokens = tokens.feed(
+                state, message.get("body", b""), state.detected_perf is None, final
+            )
+            self.token_batch = None if tokens is None else tokens.batch
+        except Exception:
+            self.tokens = self.token_batch = None
+            internal_error("count_tokens", self.config.registry)
+
+    def flush_tokens(self) -> None:
+        """Count the chunks the observer's batch holds (sent before any disconnect)."""
+        tokens = self.tokens
+        try:
+            if tokens is not None and tokens.batch is not None:
+                tokens.flush(self.state)
+                self.token_batch = tokens.batch
+        except Exception:
+            self.tokens = self.token_batch = None
+            internal_error("count_tokens", self.config.registry)
 
     def write_span_now(self) -> None:
         try:
@@ -400,6 +459,9 @@ class _Cycle:
 
     def record_end(self, failure: str | None) -> None:
         state = self.state
+        if self.token_batch:  # the app ended without its final body (raised, cancelled)
+            self.flush_tokens()
+        self.token_batch = None
         state.ended = True
         if (
             failure is None
