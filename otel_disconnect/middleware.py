@@ -102,7 +102,10 @@ class DisconnectMiddleware:
             raise
         except BaseException as exc:
             failure = _failure_kind(exc)
-            cycle.send_failed(exc)
+            try:
+                cycle.send_failed(exc)
+            except Exception:
+                internal_error("send", self.config.registry)
             raise
         finally:
             cycle.ended(failure)
@@ -307,10 +310,30 @@ class _Cycle:
         return self.send_message(message)
 
     def send_failed(self, exc: BaseException) -> None:
-        """The app raised ``exc``: an ``OSError`` out of a send on the hot path is how an ASGI
-        2.4 server says the client left, as the slow path detects it at once."""
-        if isinstance(exc, OSError) and not self.state.response_complete:
-            self.detect("send_error")
+        """The app raised ``exc``: an ``OSError`` that came out of the server's send on the hot
+        path (ASGI 2.4: the client left), itself or as the cause of what the app raised instead
+        (Starlette raises ``ClientDisconnect`` from it), is detected as the slow path detects it
+        at once. An ``OSError`` of the app's own (a missing file) is no disconnect: only one
+        whose traceback passes through the server's send counts."""
+        state = self.state
+        if state.detected_perf is not None or state.response_complete:
+            return
+        send = self.send_downstream
+        code = getattr(getattr(send, "__func__", send), "__code__", None)
+        if code is None:
+            return  # not a Python function: the read-ahead sees the disconnect instead
+        error: BaseException | None = exc
+        for _ in range(4):  # the exception and what it was raised from, a few levels
+            if error is None:
+                return
+            if isinstance(error, OSError):
+                tb = error.__traceback__
+                while tb is not None:
+                    if tb.tb_frame.f_code is code:
+                        self.detect("send_error")
+                        return
+                    tb = tb.tb_next
+            error = error.__cause__ or error.__context__
 
     async def send_message(self, message: Message) -> None:
         """Every other message: the response start, the final body, trailers, and everything
