@@ -89,14 +89,17 @@ class DisconnectMiddleware:
         failure: str | None = None
         token = _current.set(cycle.state)
         try:
+            # The server's send a Python function: an error of its can be traced to it later
+            # (send_failed), so body chunks go to it directly; else each send is awaited here.
+            app_send = cycle.send if cycle.send_code is not None else cycle.send_awaited
             if self.config.cancel_on_disconnect is False:
-                await self.app(scope, cycle.receive, cycle.send)
+                await self.app(scope, cycle.receive, app_send)
             else:
                 # An anyio scope reaches the tasks Starlette streams in and respects the shields
                 # of protect(); a cancellation it caught ends here as a normal return.
                 with anyio.CancelScope() as cancel_scope:
                     cycle.state.arm_cancel(cancel_scope.cancel)
-                    await self.app(scope, cycle.receive, cycle.send)
+                    await self.app(scope, cycle.receive, app_send)
         except asyncio.CancelledError:
             failure = "cancelled"
             raise
@@ -132,6 +135,7 @@ class _Cycle:
         "retries",
         "retry_checked",
         "scope",
+        "send_code",
         "send_downstream",
         "state",
         "token_batch",
@@ -156,6 +160,7 @@ class _Cycle:
         self.scope = scope
         self.receive_upstream = receive
         self.send_downstream = send
+        self.send_code = getattr(getattr(send, "__func__", send), "__code__", None)
         self.trailers = False
         self.tokens: Observer | None = None  # an OpenAI-compatible response body's counter
         self.token_batch: list[bytes] | None = None  # its batch (see send), when it has one
@@ -316,12 +321,9 @@ class _Cycle:
         at once. An ``OSError`` of the app's own (a missing file) is no disconnect: only one
         whose traceback passes through the server's send counts."""
         state = self.state
-        if state.detected_perf is not None or state.response_complete:
+        code = self.send_code
+        if state.detected_perf is not None or state.response_complete or code is None:
             return
-        send = self.send_downstream
-        code = getattr(getattr(send, "__func__", send), "__code__", None)
-        if code is None:
-            return  # not a Python function: the read-ahead sees the disconnect instead
         error: BaseException | None = exc
         for _ in range(4):  # the exception and what it was raised from, a few levels
             if error is None:
@@ -334,6 +336,16 @@ class _Cycle:
                         return
                     tb = tb.tb_next
             error = error.__cause__ or error.__context__
+
+    async def send_awaited(self, message: Message) -> None:
+        """The app's ``send()`` when the server's is not a Python function (Granian's): an error
+        it raises cannot be traced to it afterwards, so every send is awaited here."""
+        try:
+            await self.send(message)
+        except OSError:
+            if not self.state.response_complete:
+                self.detect("send_error")
+            raise
 
     async def send_message(self, message: Message) -> None:
         """Every other message: the response start, the final body, trailers, and everything
