@@ -20,7 +20,7 @@ nothing. The variants:
 
 Routes: ``/hello`` (small JSON), ``/stream`` (10 small SSE events that are not completion chunks),
 ``/chat`` (an OpenAI chat-completion stream: 10 ``chat.completion.chunk`` events of one token
-each and ``data: [DONE]``, what LLM services stream), ``/wait`` + ``/started`` +
+each, or ``?chunks=N``, and ``data: [DONE]``, what LLM services stream), ``/wait`` + ``/started`` +
 ``/result`` (detection latency, variants with otel-disconnect only), and ``/_bench/stats``
 (process CPU time and garbage-collector totals, read by the orchestrator around each load phase).
 """
@@ -30,11 +30,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 VARIANTS = ("bare", "otel", "otel+disconnect", "otel+disconnect+sdkmetrics", "otel+naive")
@@ -104,10 +105,24 @@ def _chat_chunk(i: int) -> bytes:
 
 
 _CHAT = [_chat_chunk(i) for i in range(STREAM_CHUNKS)]
+MAX_CHAT_CHUNKS = 10_000
+_chat_streams: dict[int, list[bytes]] = {STREAM_CHUNKS: _CHAT}
 
 
-async def _chat_chunks() -> AsyncIterator[bytes]:
-    for chunk in _CHAT:
+def _chat_stream(query: bytes) -> list[bytes]:
+    """The token chunks of ``/chat``: ``STREAM_CHUNKS``, or ``?chunks=N``. Built once per length,
+    so that a longer stream costs the app nothing per chunk beyond yielding it."""
+    chunks = STREAM_CHUNKS
+    if query.startswith(b"chunks="):
+        chunks = max(0, min(MAX_CHAT_CHUNKS, int(query[7:].split(b"&", 1)[0])))
+    found = _chat_streams.get(chunks)
+    if found is None:
+        found = _chat_streams[chunks] = [_chat_chunk(i) for i in range(chunks)]
+    return found
+
+
+async def _chat_chunks(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
         yield chunk
     yield b"data: [DONE]\n\n"
 
@@ -128,13 +143,17 @@ def create_app(variant: str) -> FastAPI:
         return StreamingResponse(_chunks(), media_type="text/event-stream")
 
     @app.get("/chat")
-    async def chat() -> StreamingResponse:
+    async def chat(request: Request) -> StreamingResponse:
+        # The query is read raw, not as a FastAPI parameter: /chat without one costs what it did.
         _handled["requests"] += 1
-        return StreamingResponse(_chat_chunks(), media_type="text/event-stream")
+        chunks = _chat_stream(request.scope.get("query_string", b""))
+        return StreamingResponse(_chat_chunks(chunks), media_type="text/event-stream")
 
     @app.get("/_bench/stats")
     async def stats() -> dict[str, Any]:
-        return {"cpu_s": time.process_time(), "pid": os.getpid(), **_gc_totals, **_handled}
+        module = sys.modules.get("otel_disconnect")  # which checkout's code is measured
+        return {"cpu_s": time.process_time(), "pid": os.getpid(), **_gc_totals, **_handled,
+                "otel_disconnect": getattr(module, "__file__", None)}
 
     count_tokens = "off" if variant.endswith("-nocount") else "auto"
     if variant.startswith("disconnect"):

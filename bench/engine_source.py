@@ -1,7 +1,8 @@
 """Instructions the vLLM engine token source adds per engine output, counted by callgrind.
 
 The wrappers measured are the real ones (``otel_disconnect.llm.vllm_engine``), installed on a
-stand-in class with the method names and call shapes of vLLM's ``OutputProcessor``, whose own
+stand-in class with the method names, signatures (vLLM 0.33's) and call shapes of vLLM's
+``OutputProcessor``, whose own
 methods do nothing: vLLM is not imported (its import alone is billions of instructions under
 valgrind), and what vLLM itself does per output is the same with and without the package. One
 request is tied to an HTTP request's state, and each engine output carries 2 token ids.
@@ -44,6 +45,7 @@ class OutputProcessor:
         engine_core_outputs: Any,
         engine_core_timestamp: Any = None,
         iteration_stats: Any = None,
+        weight_version: Any = None,
     ) -> None:
         return None
 
@@ -80,7 +82,8 @@ def _drive(variant: str, n: int) -> None:
     gc.collect()
     gc.disable()
     for batch in batches:
-        processor.process_outputs(batch)
+        # As vLLM 0.33's AsyncLLM output handler calls it.
+        processor.process_outputs(batch, 1.0, None, weight_version=None)
     if variant == "patched":
         assert vllm_engine._live["req-1"].segment.counted == 2 * n
 

@@ -19,6 +19,14 @@ Usage: ``python bench/instructions.py [--variants ...] [--modes uvicorn in-proce
 [--paths /hello /stream /chat] [--n1 N --n2 M]``. Variants: those of bench/benchapp.py, plus
 ``bare`` and ``disconnect`` (the middleware alone, no OpenTelemetry). ``/chat`` streams 10
 OpenAI ``chat.completion.chunk`` events and ``[DONE]``: per chunk added = added per request / 11.
+
+Per token chunk: ``--chunks SHORT LONG`` measures ``/chat?chunks=SHORT`` and ``?chunks=LONG``,
+``--n2`` requests each after the same warm-up at the same length; the difference of the two
+totals divided by the extra chunks is what one more streamed token chunk costs, free of all the
+per-request work, for each variant (``added`` is its difference to ``bare``, or to ``otel`` for
+the variants on OpenTelemetry). ``--code NAME=PATH`` (repeatable) runs the variants that import
+otel-disconnect once per checkout, with PATH first on the server's ``PYTHONPATH``, side by side
+in one run: ``--code main=/work/main --code this=.``.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ CONNECTIONS = 32
 
 
 def _drive(variant: str, path: str, n: int) -> None:
-    sys.path[:0] = [str(HERE.parent), str(HERE)]
+    sys.path[:0] = [os.environ.get("BENCH_CODE") or str(HERE.parent), str(HERE)]
     import benchapp
     import micro
 
@@ -60,7 +68,7 @@ def _drive(variant: str, path: str, n: int) -> None:
             await app(micro._scope(path), cycle.receive, cycle.send)  # type: ignore[operator]
 
     app = benchapp.create_app(variant)
-    asyncio.run(run(app, 100))  # warm-up: middleware stack built, caches filled
+    asyncio.run(run(app, WARMUP))  # warm-up: middleware stack built, caches filled
     # Without the collector: a full collection landing in one window and not the other would
     # swamp the difference. Garbage per request is measured on its own (micro.py, the tests).
     gc.collect()
@@ -68,13 +76,13 @@ def _drive(variant: str, path: str, n: int) -> None:
     asyncio.run(run(app, n))
 
 
-def _count(variant: str, path: str, n: int) -> int:
+def _count(variant: str, path: str, n: int, code: str | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
              sys.executable, __file__, "--drive", variant, path, str(n)],
             capture_output=True, text=True, check=True,
-            env={**os.environ, "PYTHONHASHSEED": "0"},
+            env={**os.environ, "PYTHONHASHSEED": "0", "BENCH_CODE": code or ""},
         )
     return _collected(result.stderr)
 
@@ -110,14 +118,19 @@ def _get(conn: socket.socket, path: str) -> None:
         _recv_until(conn, body, lambda b: b.endswith(b"0\r\n\r\n"))
 
 
-def _count_uvicorn(variant: str, path: str, n: int, connections: int = 1) -> int:
+def _count_uvicorn(
+    variant: str, path: str, n: int, connections: int = 1, code: str | None = None
+) -> int:
     """The whole uvicorn worker under callgrind, ``WARMUP + n`` requests from outside it, on
     ``connections`` keep-alive connections at once (each sends its share one after another)."""
     with tempfile.TemporaryDirectory() as tmp:
         callgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out"]
-        server = procs.Server(variant, "uvicorn-httptools", callgrind)
+        server = procs.Server(variant, "uvicorn-httptools", callgrind, code=code)
         try:
             server.wait_ready(timeout=900)  # valgrind runs Python some 50 times slower
+            imported = server.stats()["otel_disconnect"]
+            if code and imported and not Path(imported).is_relative_to(Path(code).resolve()):
+                raise RuntimeError(f"{variant} imported {imported}, not the code of {code}")
             with socket.create_connection(("127.0.0.1", server.port), timeout=300) as conn:
                 for _ in range(WARMUP):
                     _get(conn, path)
@@ -148,6 +161,54 @@ def _table(title: str, per_request: dict[str, float]) -> list[str]:
     return lines
 
 
+def _per_chunk(args: argparse.Namespace) -> None:
+    """``--chunks SHORT LONG``: instructions per additional token chunk, per variant and code."""
+    short, long = args.chunks
+    codes: list[tuple[str, str | None]] = [
+        (name, str(Path(path).resolve())) for name, _, path in (c.partition("=") for c in args.code)
+    ] or [("this", None)]
+    runs: list[tuple[str, str, str, str | None]] = []  # (mode, label, variant, code path)
+    for mode in args.modes:
+        for variant in args.variants:
+            if "disconnect" in variant:
+                runs += [(mode, f"{variant} ({name})", variant, path) for name, path in codes]
+            else:
+                runs.append((mode, variant, variant, None))
+
+    def count(run: tuple[str, str, str, str | None], chunks: int) -> int:
+        mode, _, variant, code = run
+        path = f"/chat?chunks={chunks}"
+        if mode == "in-process":
+            return _count(variant, path, args.n2, code)
+        connections = CONNECTIONS if mode == "uvicorn-concurrent" else 1
+        return _count_uvicorn(variant, path, args.n2, connections, code)
+
+    jobs = [(run, chunks) for run in runs for chunks in (short, long)]
+    with ThreadPoolExecutor(2) as pool:
+        totals = dict(zip(jobs, pool.map(lambda job: count(*job), jobs), strict=True))
+    requests = WARMUP + args.n2  # the warm-up streams the same length: its chunks count too
+    for mode in args.modes:
+        per_chunk = {
+            label: (totals[(run, long)] - totals[(run, short)]) / (requests * (long - short))
+            for run in runs
+            if run[0] == mode
+            for label in [run[1]]
+        }
+        print(f"| variant | instructions per token chunk (`/chat`, {mode}, {short} vs {long} "
+              "chunks) | added |")
+        print("|---|---:|---:|")
+        for run in runs:
+            if run[0] != mode:
+                continue
+            label, variant = run[1], run[2]
+            base = "otel" if variant.startswith("otel") else "bare"
+            added = ""
+            if base in per_chunk and label != base:
+                added = f"{per_chunk[label] - per_chunk[base]:+,.0f}"
+            print(f"| {label} | {per_chunk[label]:,.0f} | {added} |")
+        print(flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["otel", "otel+disconnect", "otel+naive"])
@@ -156,6 +217,10 @@ def main() -> None:
                         choices=["/hello", "/stream", "/chat"])
     parser.add_argument("--n1", type=int, default=100)
     parser.add_argument("--n2", type=int, default=400)
+    parser.add_argument("--chunks", nargs=2, type=int, metavar=("SHORT", "LONG"),
+                        help="per token chunk: /chat?chunks=SHORT against LONG, --n2 requests")
+    parser.add_argument("--code", action="append", default=[], metavar="NAME=PATH",
+                        help="a checkout whose otel_disconnect is measured (repeatable)")
     parser.add_argument("--drive", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -195,6 +260,9 @@ def _redis() -> subprocess.Popen[bytes]:
 
 
 def _measure(args: argparse.Namespace) -> None:
+    if args.chunks:
+        _per_chunk(args)
+        return
     counters: dict[str, Callable[[str, str, int], int]] = {
         "uvicorn": _count_uvicorn,
         "uvicorn-concurrent": lambda v, p, n: _count_uvicorn(v, p, n, CONNECTIONS),

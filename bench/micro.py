@@ -57,11 +57,12 @@ class FakeCycle:
 FakeCycle.__module__ = "uvicorn.protocols.http.fake"  # what receive_pump recognises as a server
 
 
-def _scope(path: str) -> dict[str, Any]:
+def _scope(target: str) -> dict[str, Any]:
+    path, _, query = target.partition("?")
     return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
         "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
-        "query_string": b"", "root_path": "", "headers": [(b"host", b"127.0.0.1")],
+        "query_string": query.encode(), "root_path": "", "headers": [(b"host", b"127.0.0.1")],
         "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000), "state": {},
     }
 

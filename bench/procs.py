@@ -59,12 +59,15 @@ def _command(kind: str, port: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, variant: str, kind: str = "uvicorn-httptools", pin: list[str] | None = None):
+    def __init__(self, variant: str, kind: str = "uvicorn-httptools", pin: list[str] | None = None,
+                 code: str | None = None):
+        """``code``: a checkout whose ``otel_disconnect`` the server imports (first on its
+        ``PYTHONPATH``, after bench/), to measure two versions side by side."""
         self.variant = variant
         self.kind = kind
         self.port = free_port()
         env = dict(os.environ, BENCH_VARIANT=variant, PYTHONPATH=os.pathsep.join(
-            p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p))
+            p for p in (str(HERE), code, os.environ.get("PYTHONPATH", "")) if p))
         # A file, not a pipe: a chatty server must never block on a full pipe mid-benchmark.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(

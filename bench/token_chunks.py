@@ -1,6 +1,7 @@
 """The marginal cost of counting one more token chunk, in instructions (callgrind).
 
-The response token observer alone, in-process: responses of the /chat stream of benchapp.py
+The response token observer alone, in-process, fed as the middleware feeds it (its batch when
+it offers one): responses of the /chat stream of benchapp.py
 (vLLM's chunk layout) with ``--short`` and ``--long`` token chunks each, ``--requests`` of them
 after a warm-up, each count in its own process under callgrind; the difference divided by the
 extra chunks is what one more streamed token chunk costs, free of the per-request work.
@@ -25,8 +26,11 @@ def _run(requests: int, chunks: int) -> None:
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     from benchapp import _CHAT
 
+    from otel_disconnect.llm import response_tokens
     from otel_disconnect.llm.response_tokens import observer_for
     from otel_disconnect.state import RequestState
+
+    batch_chunks = getattr(response_tokens, "BATCH_CHUNKS", 0)
 
     start = {"type": "http.response.start", "status": 200,
              "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]}
@@ -36,8 +40,19 @@ def _run(requests: int, chunks: int) -> None:
         state = RequestState(scope)
         observer = observer_for(state, start)
         for chunk in body:
-            if observer is not None:
+            if observer is None:
+                continue
+            # What the middleware does: a chunk goes to the observer's batch when it offers one
+            # (versions without one feed every chunk).
+            batch = getattr(observer, "batch", None)
+            if batch is not None:
+                batch.append(chunk)
+                if len(batch) >= batch_chunks:
+                    observer.flush(state)
+            else:
                 observer = observer.feed(state, chunk, True, False)
+        if observer is not None:
+            observer.feed(state, b"", True, True)  # the final body
 
 
 def _count(requests: int, chunks: int) -> int:

@@ -21,7 +21,7 @@ from .context import reset_current, set_current
 from .errors import ClientDisconnected, is_disconnect_error
 from .failsafe import internal_error, logger
 from .llm import instrument_upstreams
-from .llm.response_tokens import Observer, observer_for
+from .llm.response_tokens import BATCH_CHUNKS, Observer, observer_for
 from .receive_pump import ReceivePump
 from .retry import BodyDigest, RetryTracker, client_identity, fingerprint
 from .routes import route_template
@@ -107,19 +107,26 @@ class DisconnectMiddleware:
         failure: str | None = None
         token = set_current(cycle.state)
         try:
+            # The server's send a Python function: an error of its can be traced to it later
+            # (send_failed), so body chunks go to it directly; else each send is awaited here.
+            app_send = cycle.send if cycle.send_code is not None else cycle.send_awaited
             if self.config.cancel_on_disconnect is False:
-                await self.app(scope, cycle.receive, cycle.send)
+                await self.app(scope, cycle.receive, app_send)
             else:
                 # An anyio scope reaches the tasks Starlette streams in and respects the shields
                 # of protect(); a cancellation it caught ends here as a normal return.
                 with anyio.CancelScope() as cancel_scope:
                     cycle.state.arm_cancel(cancel_scope.cancel)
-                    await self.app(scope, cycle.receive, cycle.send)
+                    await self.app(scope, cycle.receive, app_send)
         except asyncio.CancelledError:
             failure = "cancelled"
             raise
         except BaseException as exc:
             failure = _failure_kind(exc)
+            try:
+                cycle.send_failed(exc)
+            except Exception:
+                internal_error("send", self.config.registry)
             raise
         finally:
             cycle.ended(failure)
@@ -146,8 +153,10 @@ class _Cycle:
         "retries",
         "retry_checked",
         "scope",
+        "send_code",
         "send_downstream",
         "state",
+        "token_batch",
         "tokens",
         "trailers",
         "watch_handle",
@@ -169,8 +178,10 @@ class _Cycle:
         self.scope = scope
         self.receive_upstream = receive
         self.send_downstream = send
+        self.send_code = getattr(getattr(send, "__func__", send), "__code__", None)
         self.trailers = False
         self.tokens: Observer | None = None  # an OpenAI-compatible response body's counter
+        self.token_batch: list[bytes] | None = None  # its batch (see send), when it has one
         self.pump: ReceivePump | None = None
         self.watch_handle: asyncio.Handle | None = None
         self.zombie = False  # counted in the "disconnected" in-flight series
@@ -272,6 +283,11 @@ class _Cycle:
         except Exception:
             internal_error("detection", self.config.registry)
             return
+        if self.token_batch:
+            # The chunks held back were handed to the server before the client left: counted
+            # as delivered now, before anything reads the account. Later ones come one by one.
+            self.flush_tokens()
+        self.token_batch = None
         try:
             self.recorder.metrics.in_flight.disconnected(state)
             self.zombie = True
@@ -295,7 +311,66 @@ class _Cycle:
 
     # -- the app's send ------------------------------------------------------------------------
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        """The app's ``send()``: a plain function, like ``receive``. Every chunk of a streamed
+        body sent while the client is there (the hot path of an LLM stream) goes straight to the
+        server's send, whose awaitable is returned: not the final message (no retry check, no
+        span to write), nothing dropped, no coroutine of ours per chunk. A token chunk of a
+        templated stream is only kept in the observer's batch, counted later in one go (see
+        flush_tokens): a list append here instead of a parser call per chunk. An ``OSError``
+        the server raises for such a chunk (ASGI 2.4: the client left) reaches the app as it
+        is, and the middleware detects it when it comes out of the app (``send_failed``)."""
+        if (
+            message.get("more_body")
+            and self.state.detected_perf is None
+            and message["type"] == "http.response.body"
+        ):
+            batch = self.token_batch
+            if batch is not None:
+                batch.append(message.get("body", b""))
+                if len(batch) >= BATCH_CHUNKS:
+                    self.flush_tokens()
+            elif self.tokens is not None:
+                self.feed_tokens(message, False)
+            return self.send_downstream(message)
+        return self.send_message(message)
+
+    def send_failed(self, exc: BaseException) -> None:
+        """The app raised ``exc``: an ``OSError`` that came out of the server's send on the hot
+        path (ASGI 2.4: the client left), itself or as the cause of what the app raised instead
+        (Starlette raises ``ClientDisconnect`` from it), is detected as the slow path detects it
+        at once. An ``OSError`` of the app's own (a missing file) is no disconnect: only one
+        whose traceback passes through the server's send counts."""
+        state = self.state
+        code = self.send_code
+        if state.detected_perf is not None or state.response_complete or code is None:
+            return
+        error: BaseException | None = exc
+        for _ in range(4):  # the exception and what it was raised from, a few levels
+            if error is None:
+                return
+            if isinstance(error, OSError):
+                tb = error.__traceback__
+                while tb is not None:
+                    if tb.tb_frame.f_code is code:
+                        self.detect("send_error")
+                        return
+                    tb = tb.tb_next
+            error = error.__cause__ or error.__context__
+
+    async def send_awaited(self, message: Message) -> None:
+        """The app's ``send()`` when the server's is not a Python function (Granian's): an error
+        it raises cannot be traced to it afterwards, so every send is awaited here."""
+        try:
+            await self.send(message)
+        except OSError:
+            if not self.state.response_complete:
+                self.detect("send_error")
+            raise
+
+    async def send_message(self, message: Message) -> None:
+        """Every other message: the response start, the final body, trailers, and everything
+        sent once the client is gone."""
         state = self.state
         final = False
         kind = message["type"]
@@ -316,15 +391,7 @@ class _Cycle:
         if final and self.retries.entries:  # someone disconnected lately: is this a retry?
             self.check_retry()  # before the final body: the server span ends with it
         if self.tokens is not None and kind == "http.response.body":
-            # OpenAI-compatible responses: tokens in chunks sent before detection were delivered.
-            # Each observer returns the one to keep; ordinary responses drop to None at once.
-            try:
-                self.tokens = self.tokens.feed(
-                    state, message.get("body", b""), state.detected_perf is None, final
-                )
-            except Exception:
-                self.tokens = None
-                internal_error("count_tokens", self.config.registry)
+            self.feed_tokens(message, final)
         if final and state.extras and state.detected_perf is None:
             # Token counts of a normal request: the server span ends right after this message.
             self.write_span_now()
@@ -346,6 +413,33 @@ class _Cycle:
                     self.pump.close()
                 except Exception:
                     internal_error("send", self.config.registry)
+
+    def feed_tokens(self, message: Message, final: bool) -> None:
+        """OpenAI-compatible responses: tokens in chunks sent before detection were delivered.
+        Each observer returns the one to keep; ordinary responses drop to None at once."""
+        tokens = self.tokens
+        if tokens is None:
+            return
+        state = self.state
+        try:
+            tokens = self.tokens = tokens.feed(
+                state, message.get("body", b""), state.detected_perf is None, final
+            )
+            self.token_batch = None if tokens is None else tokens.batch
+        except Exception:
+            self.tokens = self.token_batch = None
+            internal_error("count_tokens", self.config.registry)
+
+    def flush_tokens(self) -> None:
+        """Count the chunks the observer's batch holds (sent before any disconnect)."""
+        tokens = self.tokens
+        try:
+            if tokens is not None and tokens.batch is not None:
+                tokens.flush(self.state)
+                self.token_batch = tokens.batch
+        except Exception:
+            self.tokens = self.token_batch = None
+            internal_error("count_tokens", self.config.registry)
 
     def write_span_now(self) -> None:
         try:
@@ -427,6 +521,9 @@ class _Cycle:
 
     def record_end(self, failure: str | None) -> None:
         state = self.state
+        if self.token_batch:  # the app ended without its final body (raised, cancelled)
+            self.flush_tokens()
+        self.token_batch = None
         state.ended = True
         if (
             failure is None

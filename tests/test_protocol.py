@@ -173,6 +173,45 @@ async def test_send_oserror_is_detected_and_reraised() -> None:
     assert disconnects(mw, "GET", "streaming", "cancelled") == 1
 
 
+async def test_send_oserror_behind_the_apps_own_exception_is_detected() -> None:
+    """Starlette raises ClientDisconnect from the OSError a body chunk's send raised."""
+    server = FakeServer([{"type": "http.request", "body": b"", "more_body": False}])
+
+    async def failing_send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("client gone")
+
+    class ClientDisconnect(Exception):
+        pass
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        except OSError:
+            raise ClientDisconnect() from None
+
+    mw = middleware(app)
+    with pytest.raises(ClientDisconnect):
+        await mw(scope(), server.receive, failing_send)
+    assert disconnects(mw, "GET", "streaming", "cancelled") == 1
+
+
+async def test_an_oserror_of_the_apps_own_is_no_disconnect() -> None:
+    server = FakeServer([{"type": "http.request", "body": b"", "more_body": False}])
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        raise FileNotFoundError("no such file")
+
+    mw = middleware(app)
+    with pytest.raises(FileNotFoundError):
+        await mw(scope(), server.receive, server.send)
+    assert not any(disconnects(mw, "GET", "streaming", outcome)
+                   for outcome in ("completed", "cancelled", "error"))
+
+
 async def test_cancelled_app_is_detected_as_cancelled() -> None:
     server = FakeServer([{"type": "http.request", "body": b"", "more_body": False}])
     started = asyncio.Event()

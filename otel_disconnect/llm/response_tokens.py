@@ -5,9 +5,17 @@ uncompressed ``text/event-stream`` or ``application/json`` response it gets an o
 feeds it every ``http.response.body`` chunk with whether the chunk was handed to the server
 before the client left (delivered). The token account is only created once a token or a
 ``usage`` object shows up, so ordinary JSON APIs keep the no-LLM path.
+
+Once an event stream's token chunks follow one template, its observer offers a ``batch``: the
+middleware appends the chunks it sends before any disconnect to it (a list append per chunk,
+nothing else) and the observer counts them together (``SSEUsageParser.feed_many``) when the
+batch is full, when the next chunk needs the parser, at detection and at the end, so the
+account is always up to date when something reads it.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from .._types import Message
 from ..state import RequestState
@@ -20,11 +28,15 @@ from .openai_stream import (
     foreign_event,
 )
 
+# Body chunks an observer's batch holds at most (by reference) before they are counted.
+BATCH_CHUNKS = 64
+
 
 class ResponseObserver:
     """Counts a JSON response body; ``feed()`` returns the observer to keep."""
 
     __slots__ = ("_account", "_segment", "parser", "state")
+    batch: ClassVar[None] = None
 
     def __init__(self, state: RequestState, parser: JSONUsageParser) -> None:
         self.state = state
@@ -57,15 +69,34 @@ class ResponseObserver:
 class SSEObserver:
     """Counts an event stream with ``SSEUsageParser``; ``feed()`` returns the observer to keep,
     or None once the rest of the stream is not worth reading. This runs for every chunk an LLM
-    service streams: a token chunk costs the parser's byte scan and two additions."""
+    service streams: once the stream's chunks follow a template, a token chunk costs a list
+    append in the middleware (``batch``) and its share of one ``flush()`` per batch."""
 
-    __slots__ = ("_account", "_segment", "parser", "state")
+    __slots__ = ("_account", "_segment", "batch", "parser", "state")
 
     def __init__(self, state: RequestState, parser: SSEUsageParser) -> None:
         self.state = state
         self.parser = parser
         self._account: TokenAccount | None = None
         self._segment: Segment | None = None
+        # Chunks sent before any disconnect, not counted yet; None while the parser must see
+        # each chunk as it comes (no template yet, or an event split across chunks).
+        self.batch: list[bytes] | None = None
+
+    def flush(self, state: RequestState) -> None:
+        """Count the batch: chunks handed to the server before the client left (delivered)."""
+        batch = self.batch
+        if batch:
+            n = self.parser.feed_many(batch)
+            batch.clear()
+            self._took(state, n, True)
+        self._batch_if_templated()
+
+    def _batch_if_templated(self) -> None:
+        if not self.parser.templated:
+            self.batch = None
+        elif self.batch is None:
+            self.batch = []
 
     def _open(self) -> Segment:
         account = self._account = account_for(self.state)
@@ -78,8 +109,18 @@ class SSEObserver:
         self, state: RequestState, body: bytes, delivered: bool, final: bool
     ) -> SSEObserver | None:
         """Count one body chunk (``delivered``: handed to the server before the client left)."""
+        if self.batch:
+            self.flush(state)  # the chunks sent before this one first
+        keep = self._took(state, self.parser.feed(body), delivered)
+        if keep is not None and delivered and not final:
+            self._batch_if_templated()
+        else:
+            self.batch = None
+        return keep
+
+    def _took(self, state: RequestState, n: int, delivered: bool) -> SSEObserver | None:
+        """Count ``n`` tokens the parser just found, and its usage figure if it read one."""
         parser = self.parser
-        n = parser.feed(body)
         if n:
             segment = self._segment or self._open()
             segment.by_chunks = parser.by_chunks
@@ -91,8 +132,7 @@ class SSEObserver:
                 account = self._account
                 assert account is not None
                 account.counted(state, segment, n, delivered)
-            return self
-        usage = parser.usage_total
+        usage = parser.usage_total  # a batch may end with the usage chunk after its tokens
         if usage is not None:
             segment = self._segment or self._open()
             if segment.usage_total != usage:
@@ -111,6 +151,7 @@ class _PendingSSE:
     would have left it in."""
 
     __slots__ = ("others",)
+    batch: ClassVar[None] = None
 
     def __init__(self) -> None:
         self.others = 0
@@ -136,6 +177,7 @@ class _PendingJSON:
     without ``completion_tokens`` in it needs no observer object at all (one search in C)."""
 
     __slots__ = ()
+    batch: ClassVar[None] = None
 
     def feed(
         self, state: RequestState, body: bytes, delivered: bool, final: bool

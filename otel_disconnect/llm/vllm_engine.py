@@ -11,7 +11,10 @@ non-streaming request). Three methods of it are wrapped:
   the body then: the engine's count is exact, theirs would be a second, worse one).
 - ``process_outputs``: counts ``len(new_token_ids)`` per tied request, per step (a dict lookup and
   a ``len`` per engine output): exact with several tokens per step (speculative decoding, merged
-  deltas), and for non-streaming requests too.
+  deltas), and for non-streaming requests too. It runs once per engine step, so where the
+  method has the parameters of vLLM 0.33 the wrapper has them too and passes them on as they
+  came (``_SIGNATURE``): a ``*args, **kwargs`` wrapper, kept for any other signature, spends
+  more on packing and unpacking the arguments than on counting.
 - ``abort_requests``: a tied request that vLLM aborts (its client left, ``with_cancellation``
   cancelled the handler, ``generate`` was closed) is marked ``engine_abort`` (outcome
   ``cancelled``) and counted in ``otel_disconnect_llm_engine_aborted_requests_total`` and
@@ -27,6 +30,7 @@ once when it already has. Each wrapper keeps the original under ``_otel_disconne
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import threading
 import time
@@ -46,6 +50,9 @@ ASYNC_LLM = "vllm.v1.engine.async_llm"
 _MARK = "_otel_disconnect_original"
 _lock = threading.RLock()
 PHASE_CONNECTED = "connected"  # aborted while the client was still there (an error, a stop)
+# OutputProcessor.process_outputs in vLLM 0.33 (parameters after self, all defaulting to None
+# after the first); the fast wrapper is used only when the method has exactly these.
+_SIGNATURE = ("engine_core_outputs", "engine_core_timestamp", "iteration_stats", "weight_version")
 
 
 class EngineRequest:
@@ -167,10 +174,16 @@ def _patch_output_processor(cls: Any) -> None:
                 internal_error("vllm_engine")
         return result
 
-    def process_outputs(self: Any, engine_core_outputs: Any, *args: Any, **kwargs: Any) -> Any:
-        if _live:
+    def process_outputs_known(
+        self: Any,
+        engine_core_outputs: Any,
+        engine_core_timestamp: Any = None,
+        iteration_stats: Any = None,
+        weight_version: Any = None,
+    ) -> Any:
+        live = _live
+        if live:
             try:
-                live = _live
                 for output in engine_core_outputs:
                     found = live.get(output.request_id)
                     if found is not None:
@@ -180,18 +193,27 @@ def _patch_output_processor(cls: Any) -> None:
                             # The hot path, in vLLM's output loop: nothing to split yet, no
                             # lock (record_tokens() threads never touch an engine segment).
                             found.segment.counted += n
-                        elif n:
+                        else:
                             found.counted(n)
-                        reason = output.finish_reason
-                        if reason is not None:
-                            del live[output.request_id]
-                            if getattr(reason, "name", "") == "ABORT":
-                                found.aborted()  # the engine itself gave up on it
-                            else:
-                                found.finished()
+                        if output.finish_reason is not None:
+                            _finished(output)
+            except Exception:
+                internal_error("vllm_engine")
+        return original_process(
+            self, engine_core_outputs, engine_core_timestamp, iteration_stats, weight_version
+        )
+
+    def process_outputs_any(self: Any, engine_core_outputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if _live:
+            try:
+                _count_outputs(engine_core_outputs)
             except Exception:
                 internal_error("vllm_engine")
         return original_process(self, engine_core_outputs, *args, **kwargs)
+
+    process_outputs = (
+        process_outputs_known if _has_signature(original_process) else process_outputs_any
+    )
 
     def abort_requests(self: Any, *args: Any, **kwargs: Any) -> Any:
         aborted = original_abort(self, *args, **kwargs)
@@ -214,6 +236,49 @@ def _patch_output_processor(cls: Any) -> None:
     cls.add_request = add_request
     cls.process_outputs = process_outputs
     cls.abort_requests = abort_requests
+
+
+def _has_signature(method: Any) -> bool:
+    """Whether ``method`` takes exactly vLLM 0.33's ``process_outputs`` parameters, each after
+    the first defaulting to None, so that a wrapper with the same ones passes every call on
+    unchanged."""
+    try:
+        params = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if len(params) != len(_SIGNATURE) + 1:
+        return False
+    for i, (param, name) in enumerate(zip(params[1:], _SIGNATURE, strict=True)):
+        if param.name != name or param.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            return False
+        if i and param.default is not None:
+            return False
+    return params[1].default is inspect.Parameter.empty
+
+
+def _count_outputs(engine_core_outputs: Any) -> None:
+    """Count the token ids of each engine output tied to a request (any vLLM signature)."""
+    live = _live
+    for output in engine_core_outputs:
+        found = live.get(output.request_id)
+        if found is not None:
+            n = len(output.new_token_ids)
+            state = found.state
+            if state.detected_perf is None and not state.ended:
+                found.segment.counted += n
+            else:
+                found.counted(n)
+            if output.finish_reason is not None:
+                _finished(output)
+
+
+def _finished(output: Any) -> None:
+    """The last output of a tied engine request: aborted by the engine, or done."""
+    found = _live.pop(output.request_id)
+    if getattr(output.finish_reason, "name", "") == "ABORT":
+        found.aborted()  # the engine itself gave up on it
+    else:
+        found.finished()
 
 
 class EngineMark(Extension):

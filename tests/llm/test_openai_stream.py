@@ -422,3 +422,73 @@ def test_usage_figures_that_are_not_token_counts() -> None:
         parser.feed(big)
         assert parser.finish() is None and parser.malformed == 1, figure
     assert usage_figure(2**31 - 1) == 2**31 - 1 and usage_figure(True) is None
+
+
+# -- counting many chunks at once (the middleware's batch) -------------------------------------
+
+_RAW_CONTENTS = st.lists(
+    st.sampled_from([b"a", b" tok", b"}", b"{", b"\n", b"\r", b"\x00", b'"', b'\\"', b"\\n",
+                     b'"},"usage":{"completion_tokens":7', b"data: [DONE]\n\n", b""]),
+    max_size=3,
+).map(b"".join)
+
+
+def _compact_chat(content: bytes) -> bytes:
+    return (b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m",'
+            b'"choices":[{"index":0,"delta":{"content":"' + content +
+            b'"},"logprobs":null,"finish_reason":null}]}\n\n')
+
+
+@st.composite
+def _batched_streams(draw: st.DrawFn) -> tuple[list[bytes], list[int]]:
+    """Token chunks that share every byte but their content, some with raw bytes in place of
+    the content that make them anything but a token chunk, chunks that are not token chunks,
+    events split across chunks or joined in one; and where the batches end."""
+    events = [_compact_chat(b"t%d" % i) for i in range(draw(st.integers(1, 12)))]
+    for chunk in draw(st.lists(st.one_of(_RAW_CONTENTS.map(_compact_chat), _openai_chunks()),
+                               max_size=5)):
+        events.insert(draw(st.integers(1, len(events))), chunk)
+    if draw(st.booleans()) and len(events) > 1:  # chunks that do not line up with events
+        stream = b"".join(events[1:])
+        cuts = sorted(draw(st.sets(st.integers(1, len(stream) - 1), max_size=4)))
+        events = [events[0], *(stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)],
+                                                            strict=True))]
+    events.append(b"data: [DONE]\n\n")
+    ends = sorted(draw(st.sets(st.integers(1, len(events)), max_size=6)))
+    return events, ends
+
+
+@settings(max_examples=300, deadline=None)
+@given(_batched_streams())
+def test_chunks_counted_many_at_once_read_as_one_by_one(
+    case: tuple[list[bytes], list[int]],
+) -> None:
+    """What the response observer does with its batch (SSEUsageParser.feed_many, whenever the
+    parser is templated) counts exactly what feeding every chunk does."""
+    chunks, ends = case
+    one_by_one = _read(chunks)
+    parser = SSEUsageParser()
+    batch: list[bytes] = []
+    for i, chunk in enumerate(chunks, 1):
+        if batch or parser.templated:
+            batch.append(chunk)
+        else:
+            parser.feed(chunk)
+        if batch and (i in ends or i == len(chunks)):
+            parser.feed_many(batch)
+            batch = []
+    batched = (parser.counted, parser.usage_total, parser.model, parser.done, parser.malformed,
+               parser.by_chunks)
+    assert batched == one_by_one
+
+
+def test_a_run_of_template_chunks_is_counted_without_feeding_each() -> None:
+    events = [_compact_chat(b"t%d" % i) for i in range(40)]
+    parser = SSEUsageParser()
+    parser.feed(events[0])
+    assert parser.templated
+    with mock.patch.object(SSEUsageParser, "feed", side_effect=AssertionError("fed")):
+        assert parser.feed_many(events[1:]) == 39
+    tricky = [events[1], _compact_chat(b"}"), events[2], _compact_chat(b"a\nb"), events[3]]
+    assert parser.feed_many([*tricky, _usage(44), b"data: [DONE]\n\n"]) == 4
+    assert parser.counted == 44 and parser.usage_total == 44 and parser.done
