@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from otel_disconnect.context import reset_current, set_current
 from otel_disconnect.llm import vllm_engine
 from otel_disconnect.llm.account import ENGINE, account_for
-from otel_disconnect.state import RequestState, _current
+from otel_disconnect.state import RequestState
 
 
 class _Output:
@@ -49,11 +50,11 @@ def test_outputs_are_counted_and_calls_passed_on(cls: type, fast: bool) -> None:
     assert vllm_engine._has_signature(stand_in.process_outputs._otel_disconnect_original) is fast
     processor = stand_in()
     state = RequestState({"type": "http", "method": "POST", "path": "/v1/chat/completions"})
-    token = _current.set(state)
+    token = set_current(state)
     try:
         processor.add_request(types.SimpleNamespace(request_id="r1"), None)
     finally:
-        _current.reset(token)
+        reset_current(token)
     try:
         assert processor.process_outputs([_Output("r1", 2)]) == (1, None, None, *[None] * fast)
         if fast:
