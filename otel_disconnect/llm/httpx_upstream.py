@@ -15,23 +15,19 @@ Compressed upstream streams (``Content-Encoding``) are not counted; bodies httpx
 from __future__ import annotations
 
 import importlib.util
-import sys
-import threading
 import time
 import types
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import wrapt
-
 from ..context import current_state
 from ..failsafe import internal_error
 from ..state import RequestState
 from .account import ENGINE_KEY, UPSTREAM, Segment, TokenAccount, account_for
+from .import_hooks import PatchOnImport
 from .openai_stream import JSONUsageParser, SSEUsageParser
 
 _MARK = "_otel_disconnect_original"
-_lock = threading.RLock()  # a post-import hook may run inside instrument_httpx()
 
 
 class Upstream:
@@ -162,41 +158,12 @@ def _stream_class(mod: types.ModuleType) -> type[CountingStream]:
 _CLIENTS = ("httpx", "httpx2")
 
 
-class _Hooks:
-    registered = False  # post-import hooks cannot be removed, so ``enabled`` gates them
-    enabled = False
-
-
-def _imported() -> list[types.ModuleType]:
-    return [mod for name in _CLIENTS if (mod := sys.modules.get(name)) is not None]
-
-
 def instrument_httpx() -> bool:
-    """Patch httpx (and httpx2) once per process; False when neither is installed.
-
-    A client library not imported yet is patched when it is (a post-import hook), not imported
-    here: an app that never uses it does not pay for its modules (with the ``opentelemetry-
-    instrument`` launcher, this runs before the app imports anything).
-    """
+    """Patch httpx (and httpx2) once per process, now or when imported (never imported here);
+    False when neither is installed."""
     installed = [name for name in _CLIENTS if importlib.util.find_spec(name) is not None]
-    with _lock:
-        _Hooks.enabled = True
-        if not _Hooks.registered:
-            _Hooks.registered = True
-            for name in installed:
-                wrapt.register_post_import_hook(_on_import, name)
-        for mod in _imported():
-            _patch(mod)
+    _hooks.enable(installed)
     return bool(installed)
-
-
-def _on_import(mod: types.ModuleType) -> None:
-    try:
-        with _lock:
-            if _Hooks.enabled:
-                _patch(mod)
-    except Exception:
-        internal_error("httpx_upstream")
 
 
 def _patch(mod: types.ModuleType) -> None:
@@ -236,10 +203,13 @@ def _patch(mod: types.ModuleType) -> None:
 
 
 def uninstrument_httpx() -> None:
-    with _lock:
-        _Hooks.enabled = False
-        for mod in _imported():
+    with _hooks.lock:
+        _hooks.disable()
+        for mod in _hooks.imported():
             for cls in (mod.AsyncClient, mod.Client):
                 original = getattr(cls.send, _MARK, None)
                 if original is not None:
                     cls.send = original
+
+
+_hooks = PatchOnImport(_CLIENTS, _patch, "httpx_upstream")

@@ -31,24 +31,20 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import sys
-import threading
 import time
 import types
 from typing import Any
-
-import wrapt
 
 from ..context import current_state
 from ..failsafe import internal_error
 from ..state import STOPPED_ENGINE_ABORT, Extension, RequestState
 from ..telemetry.metrics import metrics_for
 from .account import ENGINE, ENGINE_KEY, Segment, TokenAccount, account_for
+from .import_hooks import PatchOnImport
 
 OUTPUT_PROCESSOR = "vllm.v1.engine.output_processor"
 ASYNC_LLM = "vllm.v1.engine.async_llm"
 _MARK = "_otel_disconnect_original"
-_lock = threading.RLock()
 PHASE_CONNECTED = "connected"  # aborted while the client was still there (an error, a stop)
 # OutputProcessor.process_outputs in vLLM 0.33 (parameters after self, all defaulting to None
 # after the first); the fast wrapper is used only when the method has exactly these.
@@ -93,35 +89,13 @@ class EngineRequest:
 _live: dict[str, EngineRequest] = {}
 
 
-class _Hooks:
-    registered = False
-    enabled = False
-
-
 def instrument_vllm_engine() -> bool:
-    """Patch vLLM's output processor once per process; False when vLLM is not installed."""
+    """Patch vLLM's output processor once per process, now or when vLLM is imported (never
+    imported here); False when vLLM is not installed."""
     if importlib.util.find_spec("vllm") is None:
         return False
-    with _lock:
-        _Hooks.enabled = True
-        if not _Hooks.registered:
-            _Hooks.registered = True
-            wrapt.register_post_import_hook(_on_import, OUTPUT_PROCESSOR)
-            wrapt.register_post_import_hook(_on_import, ASYNC_LLM)
-        for name in (OUTPUT_PROCESSOR, ASYNC_LLM):
-            mod = sys.modules.get(name)
-            if mod is not None:
-                _patch(mod)
+    _hooks.enable()
     return True
-
-
-def _on_import(mod: types.ModuleType) -> None:
-    try:
-        with _lock:
-            if _Hooks.enabled:
-                _patch(mod)
-    except Exception:
-        internal_error("vllm_engine")
 
 
 def _patch(mod: types.ModuleType) -> None:
@@ -289,3 +263,6 @@ class EngineMark(Extension):
 
     def __init__(self) -> None:
         self.model: str | None = None
+
+
+_hooks = PatchOnImport((OUTPUT_PROCESSOR, ASYNC_LLM), _patch, "vllm_engine")
