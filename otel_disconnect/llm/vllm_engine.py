@@ -155,22 +155,9 @@ def _patch_output_processor(cls: Any) -> None:
         iteration_stats: Any = None,
         weight_version: Any = None,
     ) -> Any:
-        live = _live
-        if live:
+        if _live:
             try:
-                for output in engine_core_outputs:
-                    found = live.get(output.request_id)
-                    if found is not None:
-                        n = len(output.new_token_ids)
-                        state = found.state
-                        if state.detected_perf is None and not state.ended:
-                            # The hot path, in vLLM's output loop: nothing to split yet, no
-                            # lock (record_tokens() threads never touch an engine segment).
-                            found.segment.counted += n
-                        else:
-                            found.counted(n)
-                        if output.finish_reason is not None:
-                            _finished(output)
+                _count_outputs(engine_core_outputs)
             except Exception:
                 internal_error("vllm_engine")
         return original_process(
@@ -239,6 +226,8 @@ def _count_outputs(engine_core_outputs: Any) -> None:
             n = len(output.new_token_ids)
             state = found.state
             if state.detected_perf is None and not state.ended:
+                # The hot path, in vLLM's output loop: nothing to split yet, no lock
+                # (record_tokens() threads never touch an engine segment).
                 found.segment.counted += n
             else:
                 found.counted(n)
