@@ -215,12 +215,14 @@ def build_app(registry: CollectorRegistry, provider: MeterProvider, engine: Any)
 
 
 def abandon(port: int, path: str, started: list[Any], key: tuple[str, int] | None) -> None:
+    # Counted before the request is sent: a fast handler may mark its start before this thread
+    # looks again, and a count taken after it would then wait for a second start.
+    before = started.count(key) if key is not None else 0
     with RawClient(port) as client:
         client.request("GET", path)
         if key is None:
             client.read_until(b"first")
         else:
-            before = started.count(key)
             wait_for(lambda: started.count(key) > before, timeout=10)
 
 
