@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ..servers import RawClient, free_port
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 class Proc:
     def __init__(self, popen: subprocess.Popen[bytes], port: int, log: Path) -> None:
@@ -66,6 +68,10 @@ def started(
     """Run ``argv`` (``{port}`` replaced), wait until ``ready_path`` answers, stop it after."""
     port = port or free_port()
     full_env = {**os.environ, **(env or {})}
+    # This checkout's code, whichever checkout built the cached environment's editable install.
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p
+    )
     full_env = {k: v for k, v in full_env.items() if not k.startswith("PYTEST_")}
     out = log.open("wb")
     popen = subprocess.Popen(
