@@ -21,7 +21,8 @@ nothing. The variants:
 Routes: ``/hello`` (small JSON), ``/stream`` (10 small SSE events that are not completion chunks),
 ``/chat`` (an OpenAI chat-completion stream: 10 ``chat.completion.chunk`` events of one token
 each, or ``?chunks=N``, and ``data: [DONE]``, what LLM services stream), ``/wait`` + ``/started`` +
-``/result`` (detection latency, variants with otel-disconnect only), and ``/_bench/stats``
+``/result`` (detection latency, variants with otel-disconnect only), ``/_bench/gc-off`` (the
+cycle collector off, for the per-chunk measurement) and ``/_bench/stats``
 (process CPU time and garbage-collector totals, read by the orchestrator around each load phase).
 """
 
@@ -154,6 +155,15 @@ def create_app(variant: str) -> FastAPI:
         module = sys.modules.get("otel_disconnect")  # which checkout's code is measured
         return {"cpu_s": time.process_time(), "pid": os.getpid(), **_gc_totals, **_handled,
                 "otel_disconnect": getattr(module, "__file__", None)}
+
+    @app.get("/_bench/gc-off")
+    async def gc_off() -> dict[str, Any]:
+        # The per-chunk measurement's: a full collection landing in one of its two runs and not
+        # the other moves that run by tens of millions of instructions (OpenTelemetry makes a
+        # few dozen objects per chunk), far more than the difference being measured.
+        gc.collect()
+        gc.disable()
+        return {}
 
     count_tokens = "off" if variant.endswith("-nocount") else "auto"
     if variant.startswith("disconnect"):

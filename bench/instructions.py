@@ -119,10 +119,17 @@ def _get(conn: socket.socket, path: str) -> None:
 
 
 def _count_uvicorn(
-    variant: str, path: str, n: int, connections: int = 1, code: str | None = None
+    variant: str,
+    path: str,
+    n: int,
+    connections: int = 1,
+    code: str | None = None,
+    *,
+    gc_off: bool = False,
 ) -> int:
     """The whole uvicorn worker under callgrind, ``WARMUP + n`` requests from outside it, on
-    ``connections`` keep-alive connections at once (each sends its share one after another)."""
+    ``connections`` keep-alive connections at once (each sends its share one after another).
+    ``gc_off``: the cycle collector off before the warm-up (see ``_per_chunk``)."""
     with tempfile.TemporaryDirectory() as tmp:
         callgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out"]
         server = procs.Server(variant, "uvicorn-httptools", callgrind, code=code)
@@ -132,6 +139,8 @@ def _count_uvicorn(
             if code and imported and not Path(imported).is_relative_to(Path(code).resolve()):
                 raise RuntimeError(f"{variant} imported {imported}, not the code of {code}")
             with socket.create_connection(("127.0.0.1", server.port), timeout=300) as conn:
+                if gc_off:  # before the warm-up, whose chunks count too
+                    _get(conn, "/_bench/gc-off")
                 for _ in range(WARMUP):
                     _get(conn, path)
 
@@ -181,7 +190,10 @@ def _per_chunk(args: argparse.Namespace) -> None:
         if mode == "in-process":
             return _count(variant, path, args.n2, code)
         connections = CONNECTIONS if mode == "uvicorn-concurrent" else 1
-        return _count_uvicorn(variant, path, args.n2, connections, code)
+        # Without the collector: where a full collection lands differs between the two runs by
+        # chance, by tens of millions of instructions under OpenTelemetry (dozens of objects per
+        # chunk); the middleware's per-chunk path allocates nothing the collector tracks.
+        return _count_uvicorn(variant, path, args.n2, connections, code, gc_off=True)
 
     jobs = [(run, chunks) for run in runs for chunks in (short, long)]
     with ThreadPoolExecutor(2) as pool:

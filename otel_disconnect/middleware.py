@@ -156,6 +156,7 @@ class _Cycle:
         "send_code",
         "send_downstream",
         "state",
+        "streaming",
         "token_batch",
         "tokens",
         "trailers",
@@ -180,6 +181,8 @@ class _Cycle:
         self.send_downstream = send
         self.send_code = getattr(getattr(send, "__func__", send), "__code__", None)
         self.trailers = False
+        # The response started and no disconnect was detected: body chunks take send's fast path.
+        self.streaming = False
         self.tokens: Observer | None = None  # an OpenAI-compatible response body's counter
         self.token_batch: list[bytes] | None = None  # its batch (see send), when it has one
         self.pump: ReceivePump | None = None
@@ -277,6 +280,7 @@ class _Cycle:
         state = self.state
         if self.released:
             return  # a read that finished after the request's end (its read-ahead failed to close)
+        self.streaming = False  # every send from now on takes the slow path, which counts it
         try:
             if not state.mark_disconnected(detected_by):
                 return
@@ -320,19 +324,25 @@ class _Cycle:
         flush_tokens): a list append here instead of a parser call per chunk. An ``OSError``
         the server raises for such a chunk (ASGI 2.4: the client left) reaches the app as it
         is, and the middleware detects it when it comes out of the app (``send_failed``)."""
-        if (
-            message.get("more_body")
-            and self.state.detected_perf is None
-            and message["type"] == "http.response.body"
-        ):
-            batch = self.token_batch
-            if batch is not None:
-                batch.append(message.get("body", b""))
-                if len(batch) >= BATCH_CHUNKS:
-                    self.flush_tokens()
-            elif self.tokens is not None:
+        batch = self.token_batch  # a list only while streaming a templated event stream
+        if batch is not None and message.get("more_body"):
+            try:  # free in the common case, where .get() would be a method call per chunk
+                batch.append(message["body"])
+            except KeyError:  # a zero-copy send has no body: it counts nothing
+                batch.append(b"")
+            if len(batch) >= BATCH_CHUNKS:
+                self.flush_tokens()
+            # Loaded, then called: a method call on a slot holding a bound method is one the
+            # interpreter cannot specialise, and it would look the name up on every chunk.
+            send = self.send_downstream
+            return send(message)
+        if self.streaming and message.get("more_body"):
+            # ``streaming``: the response started and the client is there. Only a body chunk
+            # carries "more_body" (or a zero-copy send, whose missing body counts nothing).
+            if self.tokens is not None:
                 self.feed_tokens(message, False)
-            return self.send_downstream(message)
+            send = self.send_downstream
+            return send(message)
         return self.send_message(message)
 
     def send_failed(self, exc: BaseException) -> None:
@@ -378,6 +388,7 @@ class _Cycle:
             final = not message.get("more_body", False) and not self.trailers
         elif kind == "http.response.start":
             state.response_started = True
+            self.streaming = state.detected_perf is None
             self.trailers = bool(message.get("trailers", False))
             if self.config.count_tokens == "auto":
                 try:
