@@ -138,11 +138,14 @@ def test_stream_cut_short_two_tokens_per_step(two_per_step: Proc) -> None:
         _post(client, "cut", stream=True)
         client.read_until(b"t106 ")  # 4 steps, 8 tokens in
         client.close()
+        closed = time.time()
     truth = _done(two_per_step, "cut")
     after = _settled(two_per_step, before, 1)
     assert truth["aborted_at"] is not None and not truth["finished"]
     assert 8 <= truth["tokens"] < 40
     assert _tokens(before, after) == truth["tokens"]  # exact: 2 token ids per output counted
+    tokens_after = 2 * sum(1 for t in truth["times"] if t > closed)
+    assert abs(_tokens(before, after, "_after_disconnect") - tokens_after) <= 2  # one step
     assert (
         _disconnects(after, "cancelled", "streaming")
         - _disconnects(before, "cancelled", "streaming")
