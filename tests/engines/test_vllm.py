@@ -1,11 +1,12 @@
-"""vLLM's real OpenAI server (newest release, .matrix/ environment), started as ``vllm serve``
-starts it, with the middleware added through its own ``--middleware`` parsing: its own
-``build_app``, ``init_app_state``, ``OpenAIServingChat`` and ``AsyncLLM``, over a tiny model
-directory the test writes (a config and a tokenizer, no weights). Only the engine core client is
-fake (tests/engines/vllm_server.py), and it records its ground truth: tokens, their times, the
-abort.
+"""vLLM's real OpenAI server (0.33.0, the newest release, and 0.13.0; .matrix/ environments),
+started as ``vllm serve`` starts it, with the middleware added through its own ``--middleware``
+parsing: its own ``build_app``, ``init_app_state``, ``OpenAIServingChat`` and ``AsyncLLM``, over
+a tiny model directory the test writes (a config and a tokenizer, no weights). Only the engine
+core client is fake (tests/engines/vllm_server.py), and it records its ground truth: tokens,
+their times, the abort.
 
-The first run builds the environment (vLLM 0.33.0 with torch, about 9 GB and 7 minutes)."""
+The first run builds the environments (vLLM 0.33.0 with torch, about 9 GB and 7 minutes; vLLM
+0.13.0 with torch, about 11 GB and 5 minutes)."""
 
 from __future__ import annotations
 
@@ -30,11 +31,17 @@ pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="session")
-def vllm_env(tmp_path_factory: pytest.TempPathFactory) -> Env:
-    python = require("vllm0.33") / "bin" / "python"
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One model directory for every server: its path is part of the configuration vLLM hashes
     # into each response's system_fingerprint, compared byte for byte below.
-    return Env(python, tiny_model.write(tmp_path_factory.mktemp("tiny-model")))
+    return tiny_model.write(tmp_path_factory.mktemp("tiny-model"))
+
+
+# The newest release, and the oldest driven (0.13: its with_cancellation answers None, sent as
+# `null`; its own argument parser, build_app and init_app_state in api_server.py).
+@pytest.fixture(scope="session", params=["vllm0.33", "vllm0.13"])
+def vllm_env(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Env:
+    return Env(require(request.param) / "bin" / "python", tiny_model_dir)
 
 
 class Env(NamedTuple):

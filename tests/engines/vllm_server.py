@@ -1,20 +1,23 @@
 """vLLM's real OpenAI server, started as ``vllm serve`` starts it, over a fake engine core.
 
-Run in the vLLM environment (.matrix/):
+Run in a vLLM environment (.matrix/; vLLM 0.33.0 and 0.13.0):
 
     python tests/engines/vllm_server.py PORT TOKENS_PER_STEP STEP_S QUEUE_S MAX_TOKENS MODEL_DIR
         [--plain]
 
 Real vLLM code, all of it as ``vllm serve MODEL_DIR --middleware
 otel_disconnect.DisconnectMiddleware`` runs it: the ``vllm`` CLI's ``main()`` (its argument parser,
-``run_server`` → ``build_async_engine_client`` → ``AsyncEngineArgs.create_engine_config`` →
-``AsyncLLM.from_vllm_config``, then ``build_app`` + ``init_app_state`` + ``serve_http``, uvicorn),
-its ``ModelConfig`` and tokenizer read from MODEL_DIR (tests/engines/tiny_model.py: a config and a
-word-level tokenizer, no weights), ``OpenAIServingChat`` behind the real
-``/v1/chat/completions`` route (``with_cancellation``, ``load_aware_call``), the real ``AsyncLLM``
-(``generate``, ``abort``, its output handler loop, the ``InputProcessor``, the
-``OutputProcessor`` and its incremental detokenizer, ``RequestOutputCollector``), vLLM's own
-``/metrics`` (the global Prometheus registry, where otel-disconnect's metrics are too).
+``run_server`` → ``run_server_worker`` → ``build_async_engine_client`` →
+``AsyncEngineArgs.create_engine_config`` → ``AsyncLLM.from_vllm_config``, then ``build_app`` +
+``init_app_state`` + ``serve_http`` on uvicorn: 0.33 through ``build_and_serve``, 0.13 in
+``vllm.entrypoints.openai.api_server``), its ``ModelConfig`` and tokenizer read from MODEL_DIR
+(tests/engines/tiny_model.py: a config and a word-level tokenizer, no weights),
+``OpenAIServingChat`` behind the real ``/v1/chat/completions`` route (``with_cancellation``,
+``load_aware_call``), the real ``AsyncLLM`` (``generate``, ``abort``, its output handler loop,
+the ``InputProcessor``, the ``OutputProcessor`` and its incremental detokenizer,
+``RequestOutputCollector``), vLLM's own ``/metrics`` (the global Prometheus registry, where
+otel-disconnect's metrics are too), its CPU platform (chosen through a ``vllm.platform_plugins``
+entry point: 0.13 picks it only for a CPU build of vLLM, and these are CUDA builds).
 
 Fake: the engine core client only (``EngineCoreClient.make_async_mp_client`` returns
 ``FakeCore``: no engine process, no model, no GPU). It runs every request ``QUEUE_S`` seconds in
@@ -23,7 +26,8 @@ the queue, then a step every ``STEP_S`` seconds emitting ``TOKENS_PER_STEP`` tok
 honours aborts, and records its ground truth (tokens, the time of each step, the abort time) by
 the request's id (``request_id`` in the body), served at ``GET /truth``. That route is added
 through vLLM's own endpoint-plugin mechanism (an entry point in a ``.dist-info`` this script
-writes to a temporary directory, allowed by ``VLLM_PLUGINS``), so vLLM's ``build_app`` adds it.
+writes to a temporary directory, allowed by ``VLLM_PLUGINS``), so vLLM's ``build_app`` adds it;
+vLLM 0.13 has no endpoint plugins, and the app its ``build_app`` returns gets the route.
 
 ``--plain`` leaves the middleware out (the byte-identity check).
 """
@@ -31,8 +35,11 @@ writes to a temporary directory, allowed by ``VLLM_PLUGINS``), so vLLM's ``build
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -52,6 +59,32 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["VLLM_PLUGINS"] = PLUGIN
+
+
+def cpu_platform() -> str:
+    """A vLLM platform plugin (``vllm.platform_plugins``): vLLM's own CPU platform. vLLM 0.33
+    also picks it from ``VLLM_TARGET_DEVICE=cpu``; 0.13 only for a CPU build of vLLM."""
+    return "vllm.platforms.cpu.CpuPlatform"
+
+
+def install_plugins() -> None:
+    """An installed distribution's metadata, as importlib.metadata finds it on sys.path: the
+    endpoint plugin (``GET /truth``) and the platform plugin, both allowed by ``VLLM_PLUGINS``.
+    Before vLLM is imported: it resolves its platform on first use."""
+    where = Path(tempfile.mkdtemp(prefix="vllm-test-plugins-"))
+    info = where / f"{PLUGIN}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {PLUGIN}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        f"[vllm.endpoint_plugins]\n{PLUGIN} = __main__:TruthPlugin\n\n"
+        f"[vllm.platform_plugins]\n{PLUGIN} = __main__:cpu_platform\n"
+    )
+    sys.path.append(str(where))
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    install_plugins()
 
 from fastapi import FastAPI, Request  # noqa: E402
 from vllm.v1.engine import (  # noqa: E402
@@ -114,7 +147,8 @@ class FakeCore(EngineCoreClient):
         self.running.clear()
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:
-        external = request.external_req_id or request.request_id
+        # vLLM 0.33 adds a suffix to the engine's id and keeps the caller's; 0.13 has one id.
+        external = getattr(request, "external_req_id", None) or request.request_id
         key = external.removeprefix("chatcmpl-")
         if key in self.truth:  # n > 1: the children share the parent's external id
             key = f"{key}/{request.request_id}"
@@ -191,16 +225,21 @@ class TruthPlugin:
         return None
 
 
-def install_plugin() -> None:
-    """An installed distribution's metadata, as importlib.metadata finds it on sys.path."""
-    where = Path(tempfile.mkdtemp(prefix="vllm-truth-plugin-"))
-    info = where / f"{PLUGIN}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {PLUGIN}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(
-        f"[vllm.endpoint_plugins]\n{PLUGIN} = __main__:TruthPlugin\n"
-    )
-    sys.path.append(str(where))
+def truth_route_without_endpoint_plugins() -> None:
+    """vLLM before endpoint plugins (0.13): the app that ``run_server_worker`` builds with its
+    module's ``build_app(args)`` gets the same route."""
+    if importlib.util.find_spec("vllm.plugins.endpoint_plugins") is not None:
+        return
+    from vllm.entrypoints.openai import api_server
+
+    original = api_server.build_app
+
+    def build_app(*args: Any, **kwargs: Any) -> FastAPI:
+        app: FastAPI = original(*args, **kwargs)
+        TruthPlugin().attach_router(app)
+        return app
+
+    api_server.build_app = build_app
 
 
 def main() -> None:
@@ -212,7 +251,7 @@ def main() -> None:
         return core
 
     EngineCoreClient.make_async_mp_client = staticmethod(make_async_mp_client)  # type: ignore[method-assign]
-    install_plugin()
+    truth_route_without_endpoint_plugins()
     sys.argv = [
         "vllm",
         "serve",
