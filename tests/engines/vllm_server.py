@@ -180,7 +180,7 @@ class FakeCore(EngineCoreClient):
             now = time.monotonic()
             due = [r for r in self.running.values() if r.next_at <= now]
             if due:
-                return EngineCoreOutputs(outputs=[self._step(r) for r in due])
+                return EngineCoreOutputs(outputs=[self._step(r, now) for r in due])
             self.wake.clear()
             nearest = min((r.next_at for r in self.running.values()), default=None)
             with contextlib.suppress(TimeoutError):  # the next step is due
@@ -188,12 +188,12 @@ class FakeCore(EngineCoreClient):
                     self.wake.wait(), None if nearest is None else max(0.0, nearest - now)
                 )
 
-    def _step(self, running: Running) -> EngineCoreOutput:
+    def _step(self, running: Running, now: float) -> EngineCoreOutput:
         record = running.record
         n = min(self.tokens_per_step, running.limit - record["tokens"])
         ids = list(range(running.next_id, running.next_id + n))
         running.next_id += n
-        running.next_at += self.step_s
+        running.next_at = now + self.step_s  # a late loop slows the rate, never bursts
         record["tokens"] += n
         record["times"].append(time.time())
         last = record["tokens"] >= running.limit
