@@ -183,12 +183,24 @@ def test_stream_cut_short_two_tokens_per_step(two_per_step: Proc) -> None:
 
 def test_client_that_stays_two_tokens_per_step(two_per_step: Proc) -> None:
     before = _metrics(two_per_step)
-    for user, stream, end in (("stays-s", True, b"[DONE]"), ("stays-j", False, b"total_tokens")):
+    text = "".join(tiny_model.token_text(i) for i in range(100, 140))
+    for user, stream in (("stays-s", True), ("stays-j", False)):
         with RawClient(two_per_step.port) as client:
             _post(client, user, stream=stream)
-            client.read_until(end)
-            if stream:
-                assert len(re.findall(rb"t\d+ ", client.received)) == 40
+            raw = read_response(client)
+        body = raw.partition(b"\r\n\r\n")[2]
+        if stream:
+            # vLLM's detokenizer turned the fake core's ids into text, 2 tokens a chunk.
+            assert len(re.findall(rb"t\d+ ", body)) == 40
+            assert re.findall(rb'"content":"(t\d+ t\d+ )"', body)[0] == b"t100 t101 "
+            assert body.rstrip().endswith(b"data: [DONE]\n\n\r\n0")
+        else:
+            # vLLM's own OpenAIServingChat answer: its id, the text, the usage.
+            answer = json.loads(body)
+            assert answer["id"] == f"chatcmpl-{user}"
+            assert answer["choices"][0]["message"]["content"] == text
+            assert answer["choices"][0]["finish_reason"] == "length"
+            assert answer["usage"]["completion_tokens"] == 40
     after = _settled(two_per_step, before, 2)
     assert _tokens(before, after) == 80  # exact, streaming and not
     assert _tokens(before, after, "_after_disconnect") == 0
