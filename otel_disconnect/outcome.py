@@ -16,7 +16,11 @@ after the disconnect, and when the app task ends):
      an upstream LLM stream was closed before its end, or the app itself read
      ``current().disconnected`` as true before it started its response (it checked and
      stopped; an app that only awaits ``wait_disconnected()``, say to log, is not taken to
-     have stopped).
+     have stopped);
+  4. the final body went out while the request's own work was still running (an integration's
+     ``Extension.work_running``: a vLLM engine request neither finished nor aborted yet). The
+     answer cannot be the work's result: vLLM 0.13's ``with_cancellation`` returns ``None``,
+     which FastAPI sends as ``null``, before the cancelled handler has aborted the engine.
 
 - ``completed``: none of that: the app sent a real final answer after the client had left
   (a body with content, or a 204/205/304 or a HEAD response, which carry none by definition).
@@ -55,6 +59,9 @@ def decide(state: RequestState, failure: str | None, final_sent: bool) -> str:
         return CANCELLED
     if state.work_stopped is not None:
         return CANCELLED
+    extras = state.extras
+    if extras and any(extra.work_running(state) for extra in extras.values()):
+        return CANCELLED  # answered while its work still ran: a placeholder
     if not state.bytes_dropped and not _bodiless(state, status):
         return CANCELLED  # an empty placeholder, or only the closing chunk of a running stream
     return COMPLETED

@@ -41,6 +41,11 @@ class Extension:
     def record_end(self, state: RequestState, metrics: Any, route: str) -> None:
         """The request ended: count into ``metrics`` (the request's sink)."""
 
+    def work_running(self, state: RequestState) -> bool:
+        """This integration's work for the request is still running (the outcome rule asks it
+        when the app sends its final body after the disconnect)."""
+        return False
+
 
 class RequestState:
     """What one HTTP request has done so far: the middleware's record. Apps read it through a

@@ -21,6 +21,11 @@ non-streaming request). Three methods of it are wrapped:
   ``otel_disconnect_llm_engine_aborted_tokens_total`` (tokens it had generated), by model and
   phase. A request aborted while still queued generated 0 tokens and counts 0.
 
+Each HTTP request's ``EngineMark`` counts its engine requests still running, from
+``add_request`` until they finish or are aborted: a final body sent after the disconnect while
+one still runs is a placeholder to the outcome rule (vLLM 0.13's ``with_cancellation`` sends
+``null`` before the cancelled handler has aborted the engine).
+
 The model label is vLLM's served model name, read from the ``AsyncLLM`` in ``generate`` (no
 wrapper around the generator it returns) into ``state.extras[ENGINE_KEY]``. vLLM is never
 imported here: the classes are patched when vLLM imports its module (a post-import hook), or at
@@ -52,12 +57,18 @@ _SIGNATURE = ("engine_core_outputs", "engine_core_timestamp", "iteration_stats",
 
 
 class EngineRequest:
-    """One engine request tied to an HTTP request: its segment of the token account."""
+    """One engine request tied to an HTTP request: its segment of the token account; counted
+    live in the request's ``EngineMark`` (when given) until it finishes or is aborted."""
 
-    __slots__ = ("account", "model", "segment", "state")
+    __slots__ = ("account", "mark", "model", "segment", "state")
 
-    def __init__(self, state: RequestState, model: str | None) -> None:
+    def __init__(
+        self, state: RequestState, model: str | None, mark: EngineMark | None = None
+    ) -> None:
         self.state = state
+        self.mark = mark
+        if mark is not None:
+            mark.live += 1
         self.account: TokenAccount = account_for(state)
         self.account.set_model(model, explicit=True)
         self.model = model
@@ -68,6 +79,8 @@ class EngineRequest:
         self.account.counted(self.state, self.segment, n, delivered=False)
 
     def finished(self) -> None:
+        if self.mark is not None:
+            self.mark.live -= 1
         self.account.tally(ENGINE).close(self.segment, self.state.detected_perf)
         if self.state.ended:
             self.account.late(self.state)
@@ -143,7 +156,7 @@ def _patch_output_processor(cls: Any) -> None:
                 request_id = request.request_id
                 if request_id not in _live:
                     mark: EngineMark = state.extra(ENGINE_KEY, EngineMark)
-                    _live[request_id] = EngineRequest(state, mark.model)
+                    _live[request_id] = EngineRequest(state, mark.model, mark)
             except Exception:
                 internal_error("vllm_engine")
         return result
@@ -246,12 +259,17 @@ def _finished(output: Any) -> None:
 
 class EngineMark(Extension):
     """``state.extras[ENGINE_KEY]``: the engine counts this request's tokens (the response and
-    upstream parsers skip it); the served model name its ``AsyncLLM`` reported."""
+    upstream parsers skip it); the served model name its ``AsyncLLM`` reported; how many of its
+    engine requests are still running (``work_running``, read by the outcome rule)."""
 
-    __slots__ = ("model",)
+    __slots__ = ("live", "model")
 
     def __init__(self) -> None:
         self.model: str | None = None
+        self.live = 0
+
+    def work_running(self, state: RequestState) -> bool:
+        return self.live > 0
 
 
 _hooks = PatchOnImport((OUTPUT_PROCESSOR, ASYNC_LLM), _patch, "vllm_engine")

@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 PYENV = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
 
 # name: (python, pins). vLLM 0.33.0 pins torch==2.14.0 (a CUDA build from PyPI, several GB; the
-# tests use no model, so no GPU) and wants Python >= 3.11.
+# tests use no model, so no GPU) and wants Python >= 3.11. vLLM 0.13.0 (the oldest the tests
+# drive) pins torch==2.9.0 and wants Python 3.10 to 3.13: about 11 GB, 5 minutes to build here.
 ENVS: dict[str, tuple[str, list[str]]] = {
     "vllm0.33": ("3.11", ["vllm==0.33.0"]),
+    "vllm0.13": ("3.11", ["vllm==0.13.0"]),
     # The newest litellm[proxy] that resolves here: 1.110 needs litellm-proxy, 1.108.8 to 1.109
     # a litellm-enterprise or litellm-proxy-extras release that the index does not have.
     "litellm": (
