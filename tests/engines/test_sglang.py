@@ -194,6 +194,38 @@ def test_client_leaves_before_the_first_token(queued: Proc) -> None:
     _clean_log(queued)
 
 
+def test_openai_chat_route_cut_short_and_kept(two_per_step: Proc) -> None:
+    chat = "/v1/chat/completions"
+    before = _metrics(two_per_step)
+    for rid, stream in (("chat-cut", True), ("chat-kept", False)):
+        body = {"model": MODEL, "rid": rid, "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}]}
+        with RawClient(two_per_step.port) as client:
+            client.request("POST", chat, body=json.dumps(body).encode(),
+                           headers={"Content-Type": "application/json"})
+            if stream:
+                client.read_until(b"t11 ")  # OpenAI chunks carry deltas
+                client.close()
+            else:
+                assert b'"completion_tokens":40' in read_response(client)
+    cut, kept = _done(two_per_step, "chat-cut"), _done(two_per_step, "chat-kept")
+    after = wait_for(
+        lambda: (
+            (m := _metrics(two_per_step))
+            and _delta(before, m, "otel_disconnect_requests_total", route=chat) >= 2
+            and m
+        ),
+        timeout=30,
+    )
+    assert cut["aborted_at"] is not None and kept["finished"]
+    tokens = _delta(before, after, "otel_disconnect_llm_tokens_total", route=chat, model=MODEL)
+    assert tokens == cut["tokens"] + 40
+    assert _delta(before, after, "otel_disconnect_client_disconnects_total", route=chat,
+                  outcome="cancelled", phase="streaming") == 1
+    assert _aborted(before, after, "tokens", phase="streaming") == cut["tokens"]
+    _clean_log(two_per_step)
+
+
 def _body(raw: bytes) -> tuple[bytes, list[bytes], bytes]:
     """Status line, headers (date and length masked), body de-chunked with SGLang's timings
     masked."""
