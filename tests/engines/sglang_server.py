@@ -14,7 +14,7 @@ last output with an ``abort`` finish reason) and records its ground truth (token
 the abort), served at ``GET /truth``.
 
     [opentelemetry-instrument] python tests/engines/sglang_server.py PORT TOKENS_PER_STEP STEP_S
-        QUEUE_S MAX_TOKENS
+        QUEUE_S MAX_TOKENS [--enable-metrics]
 
 The middleware comes from ``opentelemetry-instrument`` (the package's instrumentor entry point);
 run without it, the server has none (the byte-identity check).
@@ -224,6 +224,7 @@ def batch_output(rid: str, ids: list[int], completion: int, finish: Any) -> Any:
 
 def main() -> None:
     port, per_step, step_s, queue_s, max_tokens = sys.argv[1:6]
+    enable_metrics = "--enable-metrics" in sys.argv[6:]
     model = tiny_model(Path(tempfile.mkdtemp()) / "tiny")
 
     from sglang.srt.entrypoints import http_server
@@ -242,6 +243,7 @@ def main() -> None:
         host="127.0.0.1",
         port=int(port),
         skip_server_warmup=True,
+        enable_metrics=enable_metrics,
         log_level="error",  # not the warm-up thread's /freeze_gc, posted before uvicorn listens
     )
     configure_logger(server_args)

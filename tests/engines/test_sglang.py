@@ -38,11 +38,13 @@ def sglang_env() -> Path:
     return require("sglang")
 
 
-def _server(env: Path, tmp: Path, name: str, *config: str, plain: bool = False) -> Any:
+def _server(
+    env: Path, tmp: Path, name: str, *config: str, plain: bool = False, **extra: str
+) -> Any:
     argv = [str(env / "bin" / "python"), str(SERVER), "{port}", *config]
     if not plain:
         argv.insert(0, str(env / "bin" / "opentelemetry-instrument"))
-    return started(argv, tmp / f"{name}.log", "/truth", env=OTEL)
+    return started(argv, tmp / f"{name}.log", "/truth", env={**OTEL, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +259,28 @@ def test_responses_identical_with_and_without_the_package(
         for stream in (True, False):
             rid = f"same-{stream}"
             assert _body(fetch(plain, rid, stream)) == _body(fetch(two_per_step, rid, stream))
+
+
+def test_one_scrape_beside_sglangs_own_metrics(sglang_env: Path, tmp_path: Path) -> None:
+    """With ``--enable-metrics`` SGLang serves a multiprocess registry at ``/metrics``: with
+    ``PROMETHEUS_MULTIPROC_DIR`` set before the launch (prometheus-client is imported by the
+    instrumentor before SGLang would set it) and no route of the package's own, that one scrape
+    shows both ``sglang:*`` and ``otel_disconnect_*``."""
+    prom = tmp_path / "prometheus"
+    prom.mkdir()
+    config = ("2", "0.02", "0", "40", "--enable-metrics")
+    extra = {"PROMETHEUS_MULTIPROC_DIR": str(prom), "OTEL_DISCONNECT_METRICS_PATH": ""}
+    with _server(sglang_env, tmp_path, "metrics", *config, **extra) as p:
+        with RawClient(p.port) as client:
+            _post(client, "metered", stream=False)
+            read_response(client)
+        samples = wait_for(
+            lambda: (s := _metrics(p))
+            and value(s, "otel_disconnect_requests_total", route=ROUTE) >= 1
+            and s,
+            timeout=30,
+        )
+        assert value(samples, "otel_disconnect_llm_tokens_total", route=ROUTE, model=MODEL) == 40
+        assert value(samples, "sglang:generation_tokens_total") == 40
+        assert value(samples, "python_gc_objects_collected_total") == 0  # SGLang's registry
+        _clean_log(p)
