@@ -14,10 +14,14 @@ last output with an ``abort`` finish reason) and records its ground truth (token
 the abort), served at ``GET /truth``.
 
     [opentelemetry-instrument] python tests/engines/sglang_server.py PORT TOKENS_PER_STEP STEP_S
-        QUEUE_S MAX_TOKENS [--enable-metrics]
+        QUEUE_S MAX_TOKENS [--enable-metrics] [--middleware]
 
-The middleware comes from ``opentelemetry-instrument`` (the package's instrumentor entry point);
-run without it, the server has none (the byte-identity check).
+The middleware comes from ``opentelemetry-instrument`` (the package's instrumentor entry point,
+which patches SGLang when it is imported); run without it, the server has none (the
+byte-identity check), unless ``--middleware``: then this script adds it with
+``app.add_middleware`` once the tokenizer manager exists, as a launcher script would, so SGLang
+is patched late (when the middleware is built, at start-up), and the package's metrics are
+served at ``/metrics``.
 """
 
 from __future__ import annotations
@@ -225,6 +229,7 @@ def batch_output(rid: str, ids: list[int], completion: int, finish: Any) -> Any:
 def main() -> None:
     port, per_step, step_s, queue_s, max_tokens = sys.argv[1:6]
     enable_metrics = "--enable-metrics" in sys.argv[6:]
+    add_middleware = "--middleware" in sys.argv[6:]
     model = tiny_model(Path(tempfile.mkdtemp()) / "tiny")
 
     from sglang.srt.entrypoints import http_server
@@ -265,6 +270,12 @@ def main() -> None:
     @http_server.app.get("/truth")
     async def truth() -> Any:
         return scheduler.snapshot()
+
+    if add_middleware:
+        from otel_disconnect import DisconnectMiddleware, metrics_app
+
+        http_server.app.add_middleware(DisconnectMiddleware)
+        http_server.app.mount("/metrics", metrics_app())
 
     http_server._setup_and_run_http_server(
         server_args,

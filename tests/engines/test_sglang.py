@@ -284,3 +284,28 @@ def test_one_scrape_beside_sglangs_own_metrics(sglang_env: Path, tmp_path: Path)
         assert value(samples, "sglang:generation_tokens_total") == 40
         assert value(samples, "python_gc_objects_collected_total") == 0  # SGLang's registry
         _clean_log(p)
+
+
+def test_middleware_added_after_the_tokenizer_manager_was_built(
+    sglang_env: Path, tmp_path: Path
+) -> None:
+    """``app.add_middleware`` in a launcher script: SGLang is patched when the middleware is
+    built, after its tokenizer manager bound the queued-abort echo into its dispatcher."""
+    config = ("1", "0.03", "0.8", "400", "--middleware")
+    with _server(sglang_env, tmp_path, "late", *config, plain=True) as late:
+        before = _metrics(late)
+        with RawClient(late.port) as client:
+            _post(client, "late-early", stream=True)
+            wait_for(lambda: "late-early" in json.loads(late.get("/truth")))
+            client.close()
+        with RawClient(late.port) as client:
+            _post(client, "late-cut", stream=True)
+            client.read_until(b"t9 ")
+            client.close()
+        early, cut = _done(late, "late-early"), _done(late, "late-cut")
+        after = _settled(late, before, 2)
+        assert early["tokens"] == 0 and cut["aborted_at"] is not None
+        assert _aborted(before, after, "requests") == 2  # the queued one through the echo
+        assert _aborted(before, after, "tokens") == cut["tokens"]
+        assert _tokens(before, after) == cut["tokens"]
+        _clean_log(late)
