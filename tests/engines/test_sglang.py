@@ -174,7 +174,8 @@ def test_non_streaming_client_timeout(queued: Proc) -> None:
     assert _tokens(before, after) == truth["tokens"]  # exact, the response body never parsed
     tokens_after = sum(1 for t in truth["times"] if t > closed)
     assert tokens_after > 30  # generated for nobody while SGLang had not noticed
-    assert abs(_tokens(before, after, "_after_disconnect") - tokens_after) <= 1  # one output
+    # Within two outputs (60 ms) of the socket's close: the time the middleware took to see it.
+    assert abs(_tokens(before, after, "_after_disconnect") - tokens_after) <= 2
     assert _aborted(before, after, "requests", phase="before_response") == 1
     assert _aborted(before, after, "tokens", phase="before_response") == truth["tokens"]
     _clean_log(queued)
