@@ -9,7 +9,9 @@ __all__ = ["instrument_upstreams", "record_tokens"]
 def instrument_upstreams() -> bool:
     """Count upstream OpenAI-compatible responses read with httpx; False without httpx."""
     from .httpx_upstream import instrument_httpx
+    from .sglang_engine import instrument_sglang_engine
     from .vllm_engine import instrument_vllm_engine
 
     instrument_vllm_engine()  # inside vLLM's API server: count the engine's tokens
+    instrument_sglang_engine()  # inside SGLang's HTTP server: likewise
     return instrument_httpx()

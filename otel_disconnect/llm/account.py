@@ -4,7 +4,8 @@ One account per request, in ``state.extras``, created by the first token a sourc
 never double count: the span and the metrics report one source, the first that counted anything
 in this order (documented in the README):
 
-0. ``engine``: vLLM's engine, inside its API server (``llm.vllm_engine``): exact;
+0. ``engine``: vLLM's or SGLang's engine, inside its server (``llm.vllm_engine``,
+   ``llm.sglang_engine``): exact;
 1. ``explicit``: ``record_tokens()``;
 2. ``upstream``: OpenAI-compatible responses read with httpx inside the request;
 3. ``response``: the OpenAI-compatible body the app itself sends.

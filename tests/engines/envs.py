@@ -38,6 +38,7 @@ ENVS: dict[str, tuple[str, list[str]]] = {
             "opentelemetry-instrumentation-fastapi",
         ],
     ),
+    "sglang": ("3.11", ["sglang==0.5.23"]),
 }
 
 
