@@ -70,7 +70,8 @@ def _post(client: RawClient, rid: str, stream: bool) -> None:
 
 
 def _truth(proc: Proc, rid: str) -> dict[str, Any]:
-    found: dict[str, Any] = json.loads(proc.get("/truth"))[rid]
+    """The fake scheduler's record of ``rid``; empty until the request has reached it."""
+    found: dict[str, Any] = json.loads(proc.get("/truth")).get(rid, {})
     return found
 
 
@@ -162,7 +163,8 @@ def test_non_streaming_client_timeout(queued: Proc) -> None:
     before = _metrics(queued)
     with RawClient(queued.port) as client:
         _post(client, "timeout", stream=False)
-        wait_for(lambda: _truth(queued, "timeout")["tokens"] >= 10)
+        # The record appears once the fake scheduler has the request: read it only then.
+        wait_for(lambda: _truth(queued, "timeout").get("tokens", 0) >= 10)
         client.close()
         closed = time.time()
     truth = _done(queued, "timeout")
