@@ -87,7 +87,14 @@ def _tracer_provider() -> Any:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(_DropSpans()))  # type: ignore[arg-type]
+    if os.environ.get("BENCH_SPAN_PROCESSOR") == "simple":
+        # Spans exported in the request's own thread: no worker thread whose wake-ups (timed,
+        # so different in every run under valgrind) move a run by a few million instructions.
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+        provider.add_span_processor(SimpleSpanProcessor(_DropSpans()))  # type: ignore[arg-type]
+    else:
+        provider.add_span_processor(BatchSpanProcessor(_DropSpans()))  # type: ignore[arg-type]
     return provider
 
 

@@ -231,10 +231,14 @@ def main() -> None:
     parser.add_argument("--n2", type=int, default=400)
     parser.add_argument("--chunks", nargs=2, type=int, metavar=("SHORT", "LONG"),
                         help="per token chunk: /chat?chunks=SHORT against LONG, --n2 requests")
+    parser.add_argument("--span-processor", choices=("batch", "simple"), default="batch",
+                        help="OpenTelemetry's span processor: batch (production, a worker "
+                        "thread) or simple (spans exported in the request: repeatable counts)")
     parser.add_argument("--code", action="append", default=[], metavar="NAME=PATH",
                         help="a checkout whose otel_disconnect is measured (repeatable)")
     parser.add_argument("--drive", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ["BENCH_SPAN_PROCESSOR"] = args.span_processor  # the servers inherit it
     if args.drive:
         _drive(args.drive[0], args.drive[1], int(args.drive[2]))
         return
