@@ -91,7 +91,7 @@ def _same_worker_retries(log: Path) -> int:
     return flagged
 
 
-def _all_workers_listening(port: int, redis: RedisServer) -> None:
+def _all_workers_listening(port: int, redis: RedisServer, fleet: str) -> None:
     """Every worker reads the channel: each has heard an event the test writes (the counter is
     summed over the workers), so no retry can land on a worker that is not listening yet."""
     def received() -> float:
@@ -99,7 +99,7 @@ def _all_workers_listening(port: int, redis: RedisServer) -> None:
 
     def one_probe_heard_by_all() -> bool:
         before = received()
-        redis.client().xadd(stream_key("default"), {"e": events.over("default", "test", 0, "-", 1)})
+        redis.client().xadd(stream_key(fleet), {"e": events.over(fleet, "test", 0, "-", 1)})
         try:
             wait_for(lambda: received() - before >= WORKERS, 2, interval=0.05)
             return True
@@ -109,13 +109,17 @@ def _all_workers_listening(port: int, redis: RedisServer) -> None:
     wait_for(one_probe_heard_by_all, 60, interval=0.1)
 
 
-def _storm(tmp: Path, redis: RedisServer | None) -> dict[str, float]:
+def _storm(tmp: Path, redis: RedisServer | None, fleet: str = "default") -> dict[str, float]:
     log = tmp / "requests.log"
-    env = {"OTEL_DISCONNECT_REDIS_URL": redis.url} if redis is not None else {}
+    env = (
+        {"OTEL_DISCONNECT_REDIS_URL": redis.url, "OTEL_DISCONNECT_FLEET": fleet}
+        if redis is not None
+        else {}
+    )
     xadds = {}
     with fleet_app(tmp / "metrics", WORKERS, FLEET_TEST_LOG=str(log), **env) as port:
         if redis is not None:
-            _all_workers_listening(port, redis)
+            _all_workers_listening(port, redis, fleet)
         probes = redis.commands().get("xadd", 0) if redis is not None else 0
         _storm_rounds(port, log, redis)
         storm = CLIENTS * ATTEMPTS
@@ -147,26 +151,33 @@ def _storm(tmp: Path, redis: RedisServer | None) -> dict[str, float]:
     }
 
 
+def _check_storm(run: dict[str, float]) -> None:
+    assert run["disconnects"] == CLIENTS * ATTEMPTS, run
+    assert run["workers_used"] > 1, run  # the storm did spread over the workers
+    # Distinct requests after the disconnects add nothing.
+    assert run["after_distinct"] == run["retries"], run
+
+
 def test_storm_across_workers_without_and_with_redis(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     real_retries = CLIENTS * (ATTEMPTS - 1)
     alone = _storm(tmp_path / "alone", None)
-    fleet = _storm(tmp_path / "fleet", redis_server)
-    print(f"without Redis: {alone}\nwith Redis: {fleet}")
-    for run in (alone, fleet):
-        assert run["disconnects"] == CLIENTS * ATTEMPTS, run
-        assert run["workers_used"] > 1, run  # the storm did spread over the workers
-        # Distinct requests after the disconnects add nothing.
-        assert run["after_distinct"] == run["retries"], run
-    # One process alone flags exactly the retries that came back to it. (That some did not is
-    # the kernel's spread of 24 connections over 4 idle workers: all back on an earlier
-    # attempt's worker has a chance of about 1e-7.)
+    print(f"without Redis: {alone}")
+    _check_storm(alone)
+    # One process alone flags exactly the retries that came back to it, however many those are
+    # (how the kernel spreads the connections over the workers; under load it can be all).
     assert alone["retries"] == alone["same_worker"], alone
-    assert alone["retries"] < real_retries, alone
-    # On the fleet channel every retry is flagged, wherever it landed, also those that landed
-    # on another worker than every earlier attempt of their client.
-    assert fleet["retries"] == real_retries, fleet
+    # On the fleet channel every retry is flagged, wherever it landed. The storm that shows it
+    # has a retry that landed on another worker than every earlier attempt of its client: that
+    # is up to the kernel, so it is run again (a new fleet: nothing heard before) until one has.
+    for run in range(3):
+        fleet = _storm(tmp_path / f"fleet{run}", redis_server, fleet=f"storm{run}")
+        print(f"with Redis: {fleet}")
+        _check_storm(fleet)
+        assert fleet["retries"] == real_retries, fleet
+        if fleet["same_worker"] < real_retries:
+            break
     assert fleet["same_worker"] < real_retries, fleet
     # Redis traffic grows with disconnects only: one XADD each, none for requests that stayed.
     assert fleet["xadd_storm"] == CLIENTS * ATTEMPTS, fleet
