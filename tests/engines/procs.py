@@ -8,13 +8,13 @@ import re
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..servers import RawClient, free_port
+from ..servers import RawClient, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,6 +53,33 @@ def value(samples: dict[Any, float], name: str, **labels: str) -> float:
         if sname == name and all((k, w) in slabels for k, w in labels.items()):
             total += v
     return total
+
+
+def delta(before: dict[Any, float], after: dict[Any, float], name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def settled(
+    metrics: Callable[[], dict[Any, float]], before: dict[Any, float], n: float, route: str
+) -> dict[Any, float]:
+    """``metrics()`` once ``n`` more requests on ``route`` than in ``before`` have ended."""
+
+    def check() -> dict[Any, float] | None:
+        m = metrics()
+        return m if delta(before, m, "otel_disconnect_requests_total", route=route) >= n else None
+
+    found: dict[Any, float] = wait_for(check, timeout=30)
+    return found
+
+
+def assert_clean_log(proc: Proc, samples: dict[Any, float], tracebacks: bool = True) -> None:
+    """Nothing from the package in the server's log (no traceback at all, with ``tracebacks``)
+    and no internal error counted in ``samples``."""
+    log = proc.log_text()
+    if tracebacks:
+        assert "Traceback" not in log, log[-4000:]
+    assert "otel_disconnect" not in log, log[-4000:]
+    assert value(samples, "otel_disconnect_internal_errors_total") == 0
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import pytest
 
 from ..servers import RawClient, wait_for
 from .envs import require
-from .procs import Proc, read_response, started, value
+from .procs import Proc, assert_clean_log, read_response, settled, started, value
 
 ROUTE = "/v1/chat/completions"
 KEY = "sk-otel-disconnect-test"
@@ -135,22 +135,12 @@ def _disconnects(samples: dict[Any, float], outcome: str, phase: str | None = No
     return value(samples, "otel_disconnect_client_disconnects_total", **labels)
 
 
-def _settled(proxy: Proc, before: dict[Any, float], n: int) -> dict[Any, float]:
-    def check() -> Any:
-        m = _metrics(proxy)
-        ended = value(m, "otel_disconnect_requests_total", route=ROUTE) - value(
-            before, "otel_disconnect_requests_total", route=ROUTE
-        )
-        return m if ended >= n else None
-
-    found: dict[Any, float] = wait_for(check, timeout=30)
-    return found
+def _settled(proxy: Proc, before: dict[Any, float], n: float) -> dict[Any, float]:
+    return settled(lambda: _metrics(proxy), before, n, ROUTE)
 
 
 def _clean_log(proxy: Proc) -> None:
-    log = proxy.log_text()
-    assert "otel_disconnect" not in log, log[-4000:]
-    assert value(_metrics(proxy), "otel_disconnect_internal_errors_total") == 0
+    assert_clean_log(proxy, _metrics(proxy), tracebacks=False)
 
 
 def test_one_scrape_shows_litellm_and_otel_disconnect(proxy: Proc) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from ..servers import RawClient, wait_for
 from .envs import require
-from .procs import Proc, read_response, started, value
+from .procs import Proc, assert_clean_log, delta, read_response, settled, started, value
 
 ROUTE = "/generate"
 MODEL = "fake-sglang"
@@ -88,42 +88,28 @@ def _metrics(proc: Proc) -> dict[Any, float]:
     return proc.samples("/metrics")
 
 
-def _delta(before: dict[Any, float], after: dict[Any, float], name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
-
-
 def _settled(proc: Proc, before: dict[Any, float], n: float) -> dict[Any, float]:
     """Metrics once ``n`` more requests ended (a cut stream ends 2 s later: SGLang's
     ``StreamingResponse`` has a background task that sleeps 2 s before its own abort check)."""
-    return wait_for(
-        lambda: (
-            (m := _metrics(proc))
-            and _delta(before, m, "otel_disconnect_requests_total", route=ROUTE) >= n
-            and m
-        ),
-        timeout=30,
-    )
+    return settled(lambda: _metrics(proc), before, n, ROUTE)
 
 
 def _tokens(before: dict[Any, float], after: dict[Any, float], kind: str = "") -> float:
     name = f"otel_disconnect_llm_tokens{kind}_total"
-    return _delta(before, after, name, route=ROUTE, model=MODEL)
+    return delta(before, after, name, route=ROUTE, model=MODEL)
 
 
 def _aborted(before: dict[Any, float], after: dict[Any, float], kind: str, **labels: str) -> float:
     name = f"otel_disconnect_llm_engine_aborted_{kind}_total"
-    return _delta(before, after, name, model=MODEL, **labels)
+    return delta(before, after, name, model=MODEL, **labels)
 
 
 def _disconnects(before: dict[Any, float], after: dict[Any, float], **labels: str) -> float:
-    return _delta(before, after, "otel_disconnect_client_disconnects_total", route=ROUTE, **labels)
+    return delta(before, after, "otel_disconnect_client_disconnects_total", route=ROUTE, **labels)
 
 
 def _clean_log(proc: Proc) -> None:
-    log = proc.log_text()
-    assert "Traceback" not in log, log[-4000:]
-    assert "otel_disconnect" not in log, log[-4000:]
-    assert value(_metrics(proc), "otel_disconnect_internal_errors_total") == 0
+    assert_clean_log(proc, _metrics(proc))
 
 
 def test_stream_cut_short_two_tokens_per_output(two_per_step: Proc) -> None:
@@ -214,18 +200,11 @@ def test_openai_chat_route_cut_short_and_kept(two_per_step: Proc) -> None:
             else:
                 assert b'"completion_tokens":40' in read_response(client)
     cut, kept = _done(two_per_step, "chat-cut"), _done(two_per_step, "chat-kept")
-    after = wait_for(
-        lambda: (
-            (m := _metrics(two_per_step))
-            and _delta(before, m, "otel_disconnect_requests_total", route=chat) >= 2
-            and m
-        ),
-        timeout=30,
-    )
+    after = settled(lambda: _metrics(two_per_step), before, 2, chat)
     assert cut["aborted_at"] is not None and kept["finished"]
-    tokens = _delta(before, after, "otel_disconnect_llm_tokens_total", route=chat, model=MODEL)
+    tokens = delta(before, after, "otel_disconnect_llm_tokens_total", route=chat, model=MODEL)
     assert tokens == cut["tokens"] + 40
-    assert _delta(before, after, "otel_disconnect_client_disconnects_total", route=chat,
+    assert delta(before, after, "otel_disconnect_client_disconnects_total", route=chat,
                   outcome="cancelled", phase="streaming") == 1
     assert _aborted(before, after, "tokens", phase="streaming") == cut["tokens"]
     _clean_log(two_per_step)

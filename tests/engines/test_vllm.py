@@ -22,7 +22,7 @@ import pytest
 from ..servers import RawClient, wait_for
 from . import tiny_model
 from .envs import require
-from .procs import Proc, read_response, started, value
+from .procs import Proc, assert_clean_log, delta, read_response, settled, started, value
 
 ROUTE = "/v1/chat/completions"
 MODEL = "fake-vllm"
@@ -101,10 +101,6 @@ def _metrics(proc: Proc) -> dict[Any, float]:
     return proc.samples("/metrics/")
 
 
-def _delta(before: dict[Any, float], after: dict[Any, float], name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
-
-
 def _disconnects(samples: dict[Any, float], outcome: str, phase: str) -> float:
     return value(
         samples,
@@ -117,26 +113,16 @@ def _disconnects(samples: dict[Any, float], outcome: str, phase: str) -> float:
 
 def _settled(proc: Proc, before: dict[Any, float], n: float) -> dict[Any, float]:
     """Metrics once ``n`` more requests ended."""
-    return wait_for(
-        lambda: (
-            (m := _metrics(proc))
-            and _delta(before, m, "otel_disconnect_requests_total", route=ROUTE) >= n
-            and m
-        ),
-        timeout=30,
-    )
+    return settled(lambda: _metrics(proc), before, n, ROUTE)
 
 
 def _tokens(before: dict[Any, float], after: dict[Any, float], kind: str = "") -> float:
     name = f"otel_disconnect_llm_tokens{kind}_total"
-    return _delta(before, after, name, route=ROUTE, model=MODEL)
+    return delta(before, after, name, route=ROUTE, model=MODEL)
 
 
 def _clean_log(proc: Proc) -> None:
-    log = proc.log_text()
-    assert "Traceback" not in log, log[-4000:]
-    assert "otel_disconnect" not in log, log[-4000:]
-    assert value(_metrics(proc), "otel_disconnect_internal_errors_total") == 0
+    assert_clean_log(proc, _metrics(proc))
 
 
 def test_stream_cut_short_two_tokens_per_step(two_per_step: Proc) -> None:
@@ -159,7 +145,7 @@ def test_stream_cut_short_two_tokens_per_step(two_per_step: Proc) -> None:
         == 1
     )
     assert (
-        _delta(
+        delta(
             before,
             after,
             "otel_disconnect_llm_engine_aborted_requests_total",
@@ -169,7 +155,7 @@ def test_stream_cut_short_two_tokens_per_step(two_per_step: Proc) -> None:
         == 1
     )
     assert (
-        _delta(
+        delta(
             before,
             after,
             "otel_disconnect_llm_engine_aborted_tokens_total",
@@ -244,9 +230,9 @@ def test_client_leaves_before_the_first_token(queued: Proc) -> None:
     assert truth["tokens"] == 0 and truth["aborted_at"] is not None
     assert _tokens(before, after) == 0
     assert (
-        _delta(before, after, "otel_disconnect_llm_engine_aborted_requests_total", model=MODEL) == 1
+        delta(before, after, "otel_disconnect_llm_engine_aborted_requests_total", model=MODEL) == 1
     )
-    assert _delta(before, after, "otel_disconnect_llm_engine_aborted_tokens_total") == 0
+    assert delta(before, after, "otel_disconnect_llm_engine_aborted_tokens_total") == 0
     # vLLM's handler returned its StreamingResponse at once: the headers went out (phase
     # streaming), the body had nothing yet (vLLM sends the role chunk with the first output).
     assert _disconnects(after, "cancelled", "streaming") - _disconnects(

@@ -102,6 +102,21 @@ def _app(telemetry: Telemetry, placeholder: Any, finish_first: bool) -> tuple[Fa
     return app, started
 
 
+def _counted(telemetry: Telemetry, outcome: str) -> float:
+    """Disconnects before the response on the chat route, with ``outcome``."""
+    return telemetry.value(
+        "otel_disconnect_client_disconnects_total",
+        route="/v1/chat/completions",
+        method="POST",
+        phase="before_response",
+        outcome=outcome,
+    )
+
+
+def _ended(telemetry: Telemetry) -> float:
+    return sum(_counted(telemetry, o) for o in ("completed", "cancelled", "error"))
+
+
 @pytest.mark.parametrize(
     ("release", "placeholder"), [("0.33", Response), ("0.13", lambda: None)]
 )
@@ -116,19 +131,10 @@ def test_non_streaming_client_that_left_is_cancelled(
                 wait_for(lambda: started)
                 client.close()
 
-            def counted(outcome: str) -> float:
-                return telemetry.value(
-                    "otel_disconnect_client_disconnects_total",
-                    route="/v1/chat/completions",
-                    method="POST",
-                    phase="before_response",
-                    outcome=outcome,
-                )
-
-            wait_for(lambda: counted("completed") + counted("cancelled") + counted("error"))
+            wait_for(lambda: _ended(telemetry))
             wait_for(lambda: f"chatcmpl-{release}" not in vllm_engine._live)
-        assert counted("cancelled") == 1, release
-        assert counted("completed") == 0
+        assert _counted(telemetry, "cancelled") == 1, release
+        assert _counted(telemetry, "completed") == 0
     finally:
         vllm_engine._live.clear()
 
@@ -144,16 +150,7 @@ def test_engine_request_that_had_finished_says_nothing(telemetry: Telemetry) -> 
                 wait_for(lambda: started)
                 client.close()
 
-            def counted(outcome: str) -> float:
-                return telemetry.value(
-                    "otel_disconnect_client_disconnects_total",
-                    route="/v1/chat/completions",
-                    method="POST",
-                    phase="before_response",
-                    outcome=outcome,
-                )
-
-            wait_for(lambda: counted("completed") + counted("cancelled") + counted("error"))
-        assert counted("completed") == 1
+            wait_for(lambda: _ended(telemetry))
+        assert _counted(telemetry, "completed") == 1
     finally:
         vllm_engine._live.clear()
