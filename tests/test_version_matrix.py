@@ -1,25 +1,20 @@
 """The detection suite (tests marked ``matrix``) on the versions of SPEC section 11.
 
-Each combination gets its own virtual environment under ``.matrix/`` (kept between runs, rebuilt
-when the pins or pyproject.toml change) and runs ``pytest -m matrix`` there. The main environment
-is the newest releases on the default Python.
+Each combination gets its own virtual environment under ``.matrix/`` (``tests/venvs.py``: kept
+between runs, rebuilt when the pins or pyproject.toml change) and runs ``pytest -m matrix``
+there. The main environment is the newest releases on the default Python.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from .conftest import IN_CI
-
-ROOT = Path(__file__).resolve().parent.parent
-PYENV = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+from .venvs import MATRIX, ROOT, BuildError, pip_steps, python_for
 
 COMBINATIONS = {
     # name: (python, pins)
@@ -35,37 +30,12 @@ COMBINATIONS = {
 }
 
 
-def _python(version: str) -> str | None:
-    if sys.version_info[:2] == tuple(int(p) for p in version.split(".")):
-        return sys.executable
-    candidates = sorted(PYENV.glob(f"{version}.*/bin/python"), reverse=True)
-    found = [str(c) for c in candidates] + [shutil.which(f"python{version}") or ""]
-    return next((f for f in found if f), None)
+def _steps(python: str, pins: list[str]) -> list[list[str]]:
+    return pip_steps(python, [["-e", f"{ROOT}[dev]", *pins]])
 
 
-def _venv(name: str, python: str, pins: list[str]) -> Path:
-    digest = hashlib.sha256(
-        ("\n".join([python, *pins]) + (ROOT / "pyproject.toml").read_text()).encode()
-    ).hexdigest()[:12]
-    venv = ROOT / ".matrix" / f"{name}-{digest}"
-    marker = venv / "ready"
-    if marker.exists():
-        return venv
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([python, "-m", "venv", str(venv)], check=True)
-    pip = [
-        str(venv / "bin" / "python"),
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--disable-pip-version-check",
-    ]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True, capture_output=True)
-    result = subprocess.run([*pip, "-e", f"{ROOT}[dev]", *pins], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    marker.write_text("ok\n")
-    return venv
+# Each is some 300 MB (uvicorn, Starlette, FastAPI, OpenTelemetry and the test tools).
+NEED_GB = 1.5
 
 
 # The detection, transparency and cancellation suites: the behaviour that differs by server,
@@ -77,12 +47,21 @@ SUITES = ["tests/test_detection.py", "tests/test_transparency.py", "tests/test_c
 @pytest.mark.parametrize("name", sorted(COMBINATIONS))
 def test_detection_suite_on_supported_versions(name: str) -> None:
     version, pins = COMBINATIONS[name]
-    python = _python(version)
+    python = python_for(version)
     if python is None:
         if IN_CI:
             pytest.fail(f"Python {version} is required in CI (pyenv provides it)")
         pytest.skip(f"Python {version} not installed")
-    venv = _venv(name, python, pins)
+    # Keyed by pyproject.toml too: the test tools come from the project's dev extra.
+    key = "\n".join([python, *pins]) + (ROOT / "pyproject.toml").read_text()
+    try:
+        with MATRIX.using(name, key, _steps(python, pins), need_gb=NEED_GB) as venv:
+            _run_suites(name, venv, pins)
+    except BuildError as exc:
+        pytest.fail(str(exc))
+
+
+def _run_suites(name: str, venv: Path, pins: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     result = subprocess.run(
         [

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def litellm_env() -> Path:
-    return require("litellm")
+def litellm_env() -> Iterator[Path]:
+    with require("litellm") as venv:
+        yield venv
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,9 @@ pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="session")
-def sglang_env() -> Path:
-    return require("sglang")
+def sglang_env() -> Iterator[Path]:
+    with require("sglang") as venv:
+        yield venv
 
 
 def _server(
@@ -189,11 +190,19 @@ def test_openai_chat_route_cut_short_and_kept(two_per_step: Proc) -> None:
     chat = "/v1/chat/completions"
     before = _metrics(two_per_step)
     for rid, stream in (("chat-cut", True), ("chat-kept", False)):
-        body = {"model": MODEL, "rid": rid, "stream": stream,
-                "messages": [{"role": "user", "content": "hi"}]}
+        body = {
+            "model": MODEL,
+            "rid": rid,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
         with RawClient(two_per_step.port) as client:
-            client.request("POST", chat, body=json.dumps(body).encode(),
-                           headers={"Content-Type": "application/json"})
+            client.request(
+                "POST",
+                chat,
+                body=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             if stream:
                 client.read_until(b"t11 ")  # OpenAI chunks carry deltas
                 client.close()
@@ -204,8 +213,17 @@ def test_openai_chat_route_cut_short_and_kept(two_per_step: Proc) -> None:
     assert cut["aborted_at"] is not None and kept["finished"]
     tokens = delta(before, after, "otel_disconnect_llm_tokens_total", route=chat, model=MODEL)
     assert tokens == cut["tokens"] + 40
-    assert delta(before, after, "otel_disconnect_client_disconnects_total", route=chat,
-                  outcome="cancelled", phase="streaming") == 1
+    assert (
+        delta(
+            before,
+            after,
+            "otel_disconnect_client_disconnects_total",
+            route=chat,
+            outcome="cancelled",
+            phase="streaming",
+        )
+        == 1
+    )
     assert _aborted(before, after, "tokens", phase="streaming") == cut["tokens"]
     _clean_log(two_per_step)
 
@@ -215,9 +233,7 @@ def _body(raw: bytes) -> tuple[bytes, list[bytes], bytes]:
     masked."""
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
-    headers = [
-        re.sub(rb"^(date|content-length): .*", rb"\1: *", h, flags=re.I) for h in lines[1:]
-    ]
+    headers = [re.sub(rb"^(date|content-length): .*", rb"\1: *", h, flags=re.I) for h in lines[1:]]
     if any(h.lower() == b"transfer-encoding: chunked" for h in lines[1:]):
         plain, rest = b"", body
         while rest:
@@ -257,9 +273,11 @@ def test_one_scrape_beside_sglangs_own_metrics(sglang_env: Path, tmp_path: Path)
             _post(client, "metered", stream=False)
             read_response(client)
         samples = wait_for(
-            lambda: (s := _metrics(p))
-            and value(s, "otel_disconnect_requests_total", route=ROUTE) >= 1
-            and s,
+            lambda: (
+                (s := _metrics(p))
+                and value(s, "otel_disconnect_requests_total", route=ROUTE) >= 1
+                and s
+            ),
             timeout=30,
         )
         assert value(samples, "otel_disconnect_llm_tokens_total", route=ROUTE, model=MODEL) == 40

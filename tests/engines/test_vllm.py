@@ -40,8 +40,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # The newest release, and the oldest driven (0.13: its with_cancellation answers None, sent as
 # `null`; its own argument parser, build_app and init_app_state in api_server.py).
 @pytest.fixture(scope="session", params=["vllm0.33", "vllm0.13"])
-def vllm_env(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Env:
-    return Env(require(request.param) / "bin" / "python", tiny_model_dir)
+def vllm_env(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Iterator[Env]:
+    with require(request.param) as venv:
+        yield Env(venv / "bin" / "python", tiny_model_dir)
 
 
 class Env(NamedTuple):
@@ -235,9 +236,11 @@ def test_client_leaves_before_the_first_token(queued: Proc) -> None:
     assert delta(before, after, "otel_disconnect_llm_engine_aborted_tokens_total") == 0
     # vLLM's handler returned its StreamingResponse at once: the headers went out (phase
     # streaming), the body had nothing yet (vLLM sends the role chunk with the first output).
-    assert _disconnects(after, "cancelled", "streaming") - _disconnects(
-        before, "cancelled", "streaming"
-    ) == 1
+    assert (
+        _disconnects(after, "cancelled", "streaming")
+        - _disconnects(before, "cancelled", "streaming")
+        == 1
+    )
     _clean_log(queued)
 
 
