@@ -157,3 +157,36 @@ def test_a_real_build_with_the_real_commands(tmp_path: Path) -> None:
         out = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True)
         assert out.stdout.decode().strip() == str(venv)
     assert "$ " in (m.root / "real.build.log").read_text()
+
+
+def test_a_ready_environment_can_be_held_twice(matrix: tuple[Matrix, Disk, Pip]) -> None:
+    m, _disk, pip = matrix
+    use(m, "a", 2)
+    with m.using("a", "a", steps(2), need_gb=3) as outer:
+        assert use(m, "a", 2) == outer  # shared holds: no wait on itself
+    assert len(pip.calls) == 1
+
+
+def test_an_environment_another_run_holds_is_never_removed(
+    matrix: tuple[Matrix, Disk, Pip],
+) -> None:
+    """Two test runs on one .matrix/ (git worktrees linking it) see each other's holds."""
+    m, _disk, _pip = matrix
+    held = use(m, "held", 20)
+    holder = (
+        "import sys; from pathlib import Path; from tests.venvs import Matrix\n"
+        f"with Matrix(Path({str(m.root)!r})).using('held', 'held', [], need_gb=0):\n"
+        "    print('holding', flush=True); sys.stdin.read()\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(
+        [sys.executable, "-c", holder], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"holding\n"
+        with pytest.raises(BuildError, match="in use: held-"):
+            use(m, "other", 15)
+        assert held.exists()
+    finally:
+        child.communicate(timeout=60)
+    assert use(m, "other", 15).exists() and not held.exists()

@@ -21,6 +21,7 @@ A failed build leaves no environment behind, and its pip output in ``.matrix/NAM
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -75,7 +76,6 @@ class Matrix:
         self.root = root
         self._disk_free = disk_free or (lambda path: shutil.disk_usage(path).free)
         self._run = run
-        self.in_use: dict[Path, int] = {}  # environment -> how many holders
 
     def path(self, name: str, key: str) -> Path:
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -85,22 +85,33 @@ class Matrix:
     def using(
         self, name: str, key: str, steps: list[list[str]], *, need_gb: float
     ) -> Iterator[Path]:
-        """The environment, built if needed, held so that no other build removes it meanwhile."""
-        venv = self.path(name, key)
-        self.in_use[venv] = self.in_use.get(venv, 0) + 1
-        try:
-            self._ensure(name, venv, steps, need_gb)
-            yield venv
-        finally:
-            self.in_use[venv] -= 1
-            if not self.in_use[venv]:
-                del self.in_use[venv]
+        """The environment, built if needed, held so that no build removes it meanwhile.
 
-    def _ensure(self, name: str, venv: Path, steps: list[list[str]], need_gb: float) -> None:
-        marker = venv / "ready"
-        if marker.exists():
-            marker.touch()  # the least recently used goes first when the disk is short
-            return
+        Held by a shared ``flock`` on its lock file, so two test runs on one ``.matrix/`` (git
+        worktrees linking it) see each other's holds; one builds while the other waits."""
+        venv = self.path(name, key)
+        with self._lock(venv) as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            if (venv / "ready").exists():
+                (venv / "ready").touch()  # the least recently used goes first on a short disk
+            else:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait for it
+                if not (venv / "ready").exists():
+                    self._build(name, venv, steps, need_gb)
+                fcntl.flock(lock, fcntl.LOCK_SH)
+            yield venv
+
+    @contextmanager
+    def _lock(self, venv: Path) -> Iterator[int]:
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{venv.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            yield fd
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _build(self, name: str, venv: Path, steps: list[list[str]], need_gb: float) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(venv, ignore_errors=True)
         self.make_room(need_gb, building=venv.name)
@@ -117,7 +128,7 @@ class Matrix:
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        marker.write_text("ok\n")
+        (venv / "ready").write_text("ok\n")
 
     def _step(
         self, step: list[str], out: IO[str], log: Path, env: dict[str, str], tmp: Path
@@ -146,23 +157,29 @@ class Matrix:
         if free >= need:
             return
         removed: list[str] = []
-        for candidate in self._idle_oldest_first():
-            shutil.rmtree(candidate, ignore_errors=True)
+        held: list[str] = []
+        for candidate in self._oldest_first(building):
+            with self._lock(candidate) as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held.append(candidate.name)  # a test, here or in another run, is using it
+                    continue
+                shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate.name)
             free = self._disk_free(self.root)
             if free >= need:
                 return
-        held = ", ".join(sorted(p.name for p in self.in_use if p.name != building)) or "none"
         raise BuildError(
             f"building {building} needs about {need_gb:.0f} GB free under {self.root}; "
             f"{free / GB:.1f} GB is free after removing {len(removed)} idle environment(s) "
-            f"({', '.join(removed) or 'none'}); in use: {held}"
+            f"({', '.join(removed) or 'none'}); in use: {', '.join(sorted(held)) or 'none'}"
         )
 
-    def _idle_oldest_first(self) -> list[Path]:
+    def _oldest_first(self, building: str) -> list[Path]:
         found = []
         for entry in self.root.iterdir():
-            if not entry.is_dir() or entry.name.startswith(".") or entry in self.in_use:
+            if not entry.is_dir() or entry.name.startswith(".") or entry.name == building:
                 continue
             marker = entry / "ready"
             # A directory with no marker is a build that was killed: older than anything.

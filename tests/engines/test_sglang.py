@@ -33,7 +33,8 @@ OTEL = {
 pytestmark = pytest.mark.timeout(1800)
 
 
-@pytest.fixture(scope="session")
+# Module-scoped: released when this file's tests end, so a short disk can make room for vLLM.
+@pytest.fixture(scope="module")
 def sglang_env() -> Iterator[Path]:
     with require("sglang") as venv:
         yield venv
