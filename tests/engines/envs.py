@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -18,21 +19,21 @@ from ..conftest import IN_CI
 from ..venvs import MATRIX, ROOT, BuildError, pip_steps, python_for
 
 
-class Spec:
-    def __init__(self, python: str, pins: list[str], size_gb: float, downloads_gb: float) -> None:
-        self.python = python
-        self.pins = pins
-        # What the build needs free: the environment, plus pip's downloads held until the
-        # install ends (measured here with `du` and `df` while building, rounded up).
-        self.need_gb = size_gb + downloads_gb + 1
+class Spec(NamedTuple):
+    python: str
+    pins: list[str]
+    # The disk a build takes at its peak (the environment, and pip's downloads held until the
+    # install ends), sampled with `df` every second while building here, rounded up, plus 1 GB.
+    # The environment itself is a little smaller afterwards (its size in the comment).
+    need_gb: float
 
 
 # vLLM 0.33.0 pins torch==2.14.0 (a CUDA build from PyPI, several GB; the tests use no model, so
 # no GPU) and wants Python >= 3.11. vLLM 0.13.0 (the oldest the tests drive) pins torch==2.9.0
 # and wants Python 3.10 to 3.13. SGLang 0.5.23 takes torch 2.14.1, which pip finds on this disk.
 ENVS: dict[str, Spec] = {
-    "vllm0.33": Spec("3.11", ["vllm==0.33.0"], size_gb=9.5, downloads_gb=5),
-    "vllm0.13": Spec("3.11", ["vllm==0.13.0"], size_gb=11, downloads_gb=5),
+    "vllm0.33": Spec("3.11", ["vllm==0.33.0"], need_gb=13),  # peak 12.0 GB, then 9.6 GB
+    "vllm0.13": Spec("3.11", ["vllm==0.13.0"], need_gb=17),  # peak 15.1 GB, then 10.3 GB
     # The newest litellm[proxy] that resolves here: 1.110 needs litellm-proxy, 1.108.8 to 1.109
     # a litellm-enterprise or litellm-proxy-extras release that the index does not have.
     "litellm": Spec(
@@ -42,16 +43,10 @@ ENVS: dict[str, Spec] = {
             "opentelemetry-distro",
             "opentelemetry-instrumentation-fastapi",
         ],
-        size_gb=1,
-        downloads_gb=0.5,
+        need_gb=2,  # peak 0.9 GB, then 0.8 GB
     ),
-    "sglang": Spec("3.11", ["sglang==0.5.23"], size_gb=11, downloads_gb=5),
+    "sglang": Spec("3.11", ["sglang==0.5.23"], need_gb=13),  # peak 12.0 GB, then 10.5 GB
 }
-
-
-def env_dir(name: str) -> Path:
-    spec = ENVS[name]
-    return MATRIX.path(name, "\n".join([spec.python, *spec.pins]))
 
 
 @contextmanager
