@@ -169,7 +169,7 @@
         + ") == 0",
           'for': $._config['for']["FleetChannelDown"],
           labels: {"severity": "warning"},
-          annotations: {"summary": "A process cannot reach the fleet's Redis stream: retry detection is per process.", "description": "At least one process on {{ $labels.instance }} ({{ $labels.job }}) cannot read or write the fleet's Redis stream: it detects retries only among its own requests, and its orphaned transactions do not reach the pg-exporter.", "runbook_url": "https://github.com/otel-disconnect/otel-disconnect/blob/main/docs/runbooks.md#fleetchanneldown"},
+          annotations: {"summary": "A process cannot reach the fleet's Redis stream: retry detection is per process.", "description": "At least one process on {{ $labels.instance }} ({{ $labels.job }}) cannot read or write the fleet's Redis stream: it detects retries only among its own requests, and its events (disconnects, orphaned transactions) wait in its queue meanwhile.", "runbook_url": "https://github.com/otel-disconnect/otel-disconnect/blob/main/docs/runbooks.md#fleetchanneldown"},
         },
         {
           alert: "FleetEventsDropped",

@@ -206,7 +206,7 @@ ALERTS = (
         "A process cannot reach the fleet's Redis stream: retry detection is per process.",
         "At least one process on {{ $labels.instance }} ({{ $labels.job }}) cannot read or "
         "write the fleet's Redis stream: it detects retries only among its own requests, and "
-        "its orphaned transactions do not reach the pg-exporter.",
+        "its events (disconnects, orphaned transactions) wait in its queue meanwhile.",
         "fleet",
     ),
     Alert(
