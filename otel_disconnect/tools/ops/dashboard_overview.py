@@ -148,8 +148,8 @@ PANELS = (
     Panel(
         "Fleet channel up by instance", "1 while every worker of the instance reads and writes "
         "the fleet's Redis stream, 0 while one cannot (min over its live workers): retry "
-        "detection then falls back to the process, and its orphan claims do not reach the "
-        "pg-exporter. Alert: FleetChannelDown.", "short",
+        "detection then falls back to the process, and its events wait in its queue. Alert: "
+        "FleetChannelDown.", "short",
         (Target(f"min by (job, instance) ({FLEET}channel_up)", "{{job}} {{instance}}"),),
         "fleet", mappings=UP_DOWN, row=FLEET_ROW,
     ),

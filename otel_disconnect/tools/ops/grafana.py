@@ -3,10 +3,9 @@
 A panel says what it shows (PromQL, unit, description) and which telemetry source it needs
 (``app``: the instrumented app; ``llm``: token counting, vLLM and DCGM series; ``pg``: database
 hooks and the PostgreSQL collector; ``retry``: retry-after-disconnect detection; ``fleet``: the
-Redis fleet channel), so a test can
-check that every panel of a wired source returns data. Layout is computed: panels flow left to
-right on Grafana's 24-column grid; a panel whose ``row`` differs from the one before it starts a
-row, under a row header of that title.
+Redis fleet channel), so a test can check that every panel of a wired source returns data. Layout
+is computed: panels flow left to right on Grafana's 24-column grid; a panel whose ``row`` differs
+from the one before it starts a row, under a row header of that title.
 """
 
 from __future__ import annotations
