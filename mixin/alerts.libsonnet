@@ -163,6 +163,37 @@
           annotations: {"summary": "The pg_stat_activity collector cannot read PostgreSQL.", "description": "otel_disconnect_pg_up is 0 on {{ $labels.instance }} ({{ $labels.job }}): idle-in-transaction and orphan alerts are blind.", "runbook_url": "https://github.com/otel-disconnect/otel-disconnect/blob/main/docs/runbooks.md#pgactivitycollectordown"},
         },
         {
+          alert: "FleetChannelDown",
+          expr: "min by (job, instance, pod) ("
+        + $._otelDisconnectSeries("otel_disconnect_fleet_channel_up", "")
+        + ") == 0",
+          'for': $._config['for']["FleetChannelDown"],
+          labels: {"severity": "warning"},
+          annotations: {"summary": "A process cannot reach the fleet's Redis stream: retry detection is per process.", "description": "At least one process on {{ $labels.instance }} ({{ $labels.job }}) cannot read or write the fleet's Redis stream: it detects retries only among its own requests, and its events (disconnects, orphaned transactions) wait in its queue meanwhile.", "runbook_url": "https://github.com/otel-disconnect/otel-disconnect/blob/main/docs/runbooks.md#fleetchanneldown"},
+        },
+        {
+          alert: "FleetEventsDropped",
+          expr: "sum by (job, instance, pod) (increase("
+        + $._otelDisconnectSeries("otel_disconnect_fleet_events_dropped_total", "reason=\"queue_full\"")
+        + "[10m]))"
+        + " > "
+        + std.toString($._config.thresholds["FleetEventsDropped"]),
+          'for': $._config['for']["FleetEventsDropped"],
+          labels: {"severity": "warning"},
+          annotations: {"summary": "Fleet events are dropped because Redis does not take them fast enough.", "description": "{{ $value | humanize }} fleet event(s) of {{ $labels.instance }} ({{ $labels.job }}) were dropped in the last 10 minutes: its queue for Redis was full. Those disconnects and orphaned transactions are lost to the other processes and the pg-exporter.", "runbook_url": "https://github.com/otel-disconnect/otel-disconnect/blob/main/docs/runbooks.md#fleeteventsdropped"},
+        },
+        {
+          alert: "FleetEventsRejected",
+          expr: "sum by (job, reason) (rate("
+        + $._otelDisconnectSeries("otel_disconnect_fleet_events_dropped_total", "reason=~\"foreign|malformed\"")
+        + "[5m]))"
+        + " > "
+        + std.toString($._config.thresholds["FleetEventsRejected"]),
+          'for': $._config['for']["FleetEventsRejected"],
+          labels: {"severity": "info"},
+          annotations: {"summary": "Something other than this fleet writes into the fleet's Redis stream.", "description": "{{ $labels.job }} keeps rejecting {{ $labels.reason }} events from its fleet's Redis stream: another version of otel-disconnect or another writer uses the same stream, and its events are ignored.", "runbook_url": "https://github.com/otel-disconnect/otel-disconnect/blob/main/docs/runbooks.md#fleeteventsrejected"},
+        },
+        {
           alert: "OtelDisconnectInternalErrors",
           expr: "sum by (job, where) (increase("
         + $._otelDisconnectSeries("otel_disconnect_internal_errors_total", "")

@@ -18,6 +18,8 @@
       ClientsAbandonBeforeResponse: "0.05",
       ClientsAbandonBeforeResponseMinRate: "0.05",
       RetryStormAfterDisconnect: "0.2",
+      FleetEventsDropped: "0",
+      FleetEventsRejected: "0",
       OtelDisconnectInternalErrors: "0",
     },
     'for': {
@@ -33,6 +35,9 @@
       RetryStormAfterDisconnect: "5m",
       IdleInTransactionTimeoutDisabled: "30m",
       PgActivityCollectorDown: "5m",
+      FleetChannelDown: "5m",
+      FleetEventsDropped: "1m",
+      FleetEventsRejected: "15m",
       OtelDisconnectInternalErrors: "1m",
     },
   },

@@ -50,7 +50,7 @@ SCOPE_LABELS = {"otel_scope_name", "otel_scope_version", "otel_scope_schema_url"
 
 def queried_series() -> set[str]:
     """Every otel_disconnect_ sample name a dashboard panel or an alert rule queries, except the
-    PostgreSQL collector's (a prometheus-client collector on either path)."""
+    PostgreSQL collector's and the fleet channel's (prometheus-client on either path)."""
     exprs = [t.expr for d in DASHBOARDS for p in d.panels for t in p.targets]
     exprs += [a.expr for a in ALERTS]
     names: set[str] = set()
@@ -59,7 +59,7 @@ def queried_series() -> set[str]:
         for name in re.findall(r"\b(otel_disconnect_[a-z_]+)", expr):
             if name in histograms:  # histogram_quantile(..._bucket) or the family's own name
                 names.add(name + "_bucket")
-            elif not name.startswith("otel_disconnect_pg_"):
+            elif not name.startswith(("otel_disconnect_pg_", "otel_disconnect_fleet_")):
                 names.add(name)
     return names
 

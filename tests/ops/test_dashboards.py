@@ -22,8 +22,13 @@ def load(name: str) -> dict[str, Any]:
     return data
 
 
+def graphs(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """The panels that query, without the row headers."""
+    return [p for p in dashboard["panels"] if p["type"] != "row"]
+
+
 def exprs(dashboard: dict[str, Any]) -> list[str]:
-    return [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    return [t["expr"] for p in graphs(dashboard) for t in p["targets"]]
 
 
 def test_the_three_dashboards_exist_with_unique_fixed_uids() -> None:
@@ -46,7 +51,10 @@ def test_dashboard_conventions(name: str) -> None:
             assert v["datasource"] == DS
     panel_ids = [p["id"] for p in d["panels"]]
     assert len(panel_ids) == len(set(panel_ids))
-    for panel in d["panels"]:
+    for row in (p for p in d["panels"] if p["type"] == "row"):
+        assert row["title"] and not row["collapsed"] and row["panels"] == [], row
+        assert row["gridPos"] == {"h": 1, "w": 24, "x": 0, "y": row["gridPos"]["y"]}, row
+    for panel in graphs(d):
         where = f"{name}: {panel['title']!r}"
         assert panel["datasource"] == DS, where
         assert panel["description"].strip(), where
@@ -78,12 +86,17 @@ def test_every_referenced_metric_is_a_known_name(name: str) -> None:
 
 
 def _known_metrics() -> set[str]:
-    """Exposed sample names of SPEC sections 6 (metrics.py) and 8 (the pg collector)."""
+    """Exposed sample names of SPEC sections 6 (metrics.py) and 8 (the pg collector), and the
+    fleet channel's (fleet/metrics.py)."""
     from prometheus_client import CollectorRegistry
 
-    m = metric_defs.Metrics(CollectorRegistry())
+    from otel_disconnect.fleet.metrics import FleetMetrics
+
+    registry = CollectorRegistry()
+    collectors = [*vars(metric_defs.Metrics(registry)).values(),
+                  *vars(FleetMetrics(registry)).values()]
     names: set[str] = set()
-    for value in vars(m).values():
+    for value in collectors:
         describe = getattr(value, "describe", None)
         if describe is None:
             continue
@@ -110,6 +123,20 @@ def test_overview_shows_what_the_issue_asks_for() -> None:
     assert 10 in metric_defs.CLIENT_WAIT_BUCKETS and 30 in metric_defs.CLIENT_WAIT_BUCKETS
     # Matched as "10" or "10.0": the collector's translation writes the bound without ".0".
     assert 'le=~"10(\\\\.0)?"' in text and 'le=~"5(\\\\.0)?"' in text
+
+
+def test_overview_has_a_fleet_channel_row() -> None:
+    panels = load("otel-disconnect-overview.json")["panels"]
+    rows = [i for i, p in enumerate(panels) if p["type"] == "row"]
+    assert [panels[i]["title"] for i in rows] == ["Fleet channel (Redis)"]
+    below = panels[rows[0] + 1:]
+    assert below and all(p["gridPos"]["y"] > panels[rows[0]]["gridPos"]["y"] for p in below)
+    text = " ".join(t["expr"] for p in below for t in p["targets"])
+    assert "min by (job, instance) (otel_disconnect_fleet_channel_up)" in text
+    for metric in ("events_queued", "events_published_total", "events_received_total",
+                   "events_dropped_total"):
+        assert "otel_disconnect_fleet_" + metric in text, metric
+    assert "fleet" not in " ".join(exprs({"panels": panels[: rows[0]]}))
 
 
 def test_llm_dashboard_shows_vllm_and_power() -> None:

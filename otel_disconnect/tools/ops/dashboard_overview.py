@@ -9,10 +9,17 @@ DISCONNECTS = "otel_disconnect_client_disconnects_total"
 REQUESTS = "otel_disconnect_requests_total"
 WAIT = "otel_disconnect_client_wait_seconds"
 WORK = "otel_disconnect_work_after_disconnect_seconds"
+FLEET = "otel_disconnect_fleet_"
+FLEET_ROW = "Fleet channel (Redis)"
+UP_DOWN = ({"type": "value", "options": {
+    "0": {"text": "down", "color": "red", "index": 0},
+    "1": {"text": "up", "color": "green", "index": 1},
+}},)
 
 
 def _rate(metric: str, by: str, selector: str = R) -> str:
-    return f"sum by ({by}) (rate({metric}{{{selector}}}[$__rate_interval]))"
+    matchers = f"{{{selector}}}" if selector else ""
+    return f"sum by ({by}) (rate({metric}{matchers}[$__rate_interval]))"
 
 
 def _quantiles(metric: str, by: str) -> tuple[Target, ...]:
@@ -136,6 +143,38 @@ PANELS = (
         "multiply the load: a retry storm.", "reqps",
         (Target(_rate("otel_disconnect_retries_after_disconnect_total", "route"), "{{route}}"),),
         "retry",
+    ),
+    # The Redis fleet channel (README, "Many workers and pods"): no series without redis_url.
+    Panel(
+        "Fleet channel up by instance", "1 while every worker of the instance reads and writes "
+        "the fleet's Redis stream, 0 while one cannot (min over its live workers): retry "
+        "detection then falls back to the process, and its events wait in its queue. Alert: "
+        "FleetChannelDown.", "short",
+        (Target(f"min by (job, instance) ({FLEET}channel_up)", "{{job}} {{instance}}"),),
+        "fleet", mappings=UP_DOWN, row=FLEET_ROW,
+    ),
+    Panel(
+        "Fleet events queued", "Events waiting in a process for Redis (the fullest worker of "
+        "each instance). Grows while Redis is down or slow; at 10,000 further events are "
+        "dropped.", "short",
+        (Target(f"max by (job, instance) ({FLEET}events_queued)", "{{job}} {{instance}}"),),
+        "fleet", red_above=10_000, row=FLEET_ROW,
+    ),
+    Panel(
+        "Fleet events published and received by kind", "Events per second written to the "
+        "fleet's stream (one per disconnect and per transaction claim, none per request whose "
+        "client stayed) and read from the other processes of the fleet.", "ops",
+        (Target(_rate(f"{FLEET}events_published_total", "kind", ""), "published {{kind}}"),
+         Target(_rate(f"{FLEET}events_received_total", "kind", ""), "received {{kind}}")),
+        "fleet", row=FLEET_ROW,
+    ),
+    Panel(
+        "Fleet events dropped by reason", "Events dropped per second: queue_full (Redis down or "
+        "too slow: lost for good; alert FleetEventsDropped), foreign (another fleet's) and "
+        "malformed (not this version's format), written into the stream by something else "
+        "(alert FleetEventsRejected).", "ops",
+        (Target(_rate(f"{FLEET}events_dropped_total", "reason", ""), "{{reason}}"),),
+        "fleet", row=FLEET_ROW,
     ),
 )
 

@@ -2,9 +2,10 @@
 
 A panel says what it shows (PromQL, unit, description) and which telemetry source it needs
 (``app``: the instrumented app; ``llm``: token counting, vLLM and DCGM series; ``pg``: database
-hooks and the PostgreSQL collector; ``retry``: retry-after-disconnect detection), so a test can
-check that every panel of a wired source returns data. Layout is computed: panels flow left to
-right on Grafana's 24-column grid.
+hooks and the PostgreSQL collector; ``retry``: retry-after-disconnect detection; ``fleet``: the
+Redis fleet channel), so a test can check that every panel of a wired source returns data. Layout
+is computed: panels flow left to right on Grafana's 24-column grid; a panel whose ``row`` differs
+from the one before it starts a row, under a row header of that title.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 39
-SOURCES = ("app", "llm", "pg", "retry")
+SOURCES = ("app", "llm", "pg", "retry", "fleet")
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 TAGS = ["otel-disconnect"]
 
@@ -37,6 +38,7 @@ class Panel:
     height: int = 8
     red_above: float | None = None
     mappings: tuple[dict[str, Any], ...] = ()
+    row: str = ""  # the title of the row it belongs to; "" before the first row
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -135,14 +137,27 @@ def _datasource_variable() -> dict[str, Any]:
 def _layout(panels: tuple[Panel, ...]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     x = y = row_height = 0
-    for number, panel in enumerate(panels, start=1):
+    row = ""
+    for panel in panels:
+        if panel.row != row:
+            row = panel.row
+            x, y, row_height = 0, y + row_height, 0
+            out.append(_row_json(row, len(out) + 1, y))
+            y += 1
         if x + panel.width > 24:
             x, y, row_height = 0, y + row_height, 0
         grid = {"h": panel.height, "w": panel.width, "x": x, "y": y}
-        out.append(_panel_json(panel, number, grid))
+        out.append(_panel_json(panel, len(out) + 1, grid))
         x += panel.width
         row_height = max(row_height, panel.height)
     return out
+
+
+def _row_json(title: str, number: int, y: int) -> dict[str, Any]:
+    return {
+        "collapsed": False, "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "id": number,
+        "panels": [], "title": title, "type": "row",
+    }
 
 
 def _thresholds(red_above: float | None) -> dict[str, Any]:
