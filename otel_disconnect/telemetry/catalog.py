@@ -3,6 +3,8 @@
 To add a metric, add one ``MetricSpec`` to ``METRICS``: the prometheus-client sink
 (``metrics.Metrics``) and the OpenTelemetry sink (``otel_metrics.OtelMetrics``) both get an
 attribute ``attr`` with ``.labels(*values).inc(n)`` (counter) or ``.observe(v)`` (histogram).
+The fleet channel's, ``FLEET_METRICS``, are made the same way by ``fleet/metrics.py`` (gauges
+with ``.set(v)``).
 
 Names are chosen so the standard OTLP-to-Prometheus translation (the collector's ``prometheus``
 and ``prometheusremotewrite`` exporters, Prometheus' OTLP receiver, opentelemetry-exporter-
@@ -30,7 +32,7 @@ PREFIX = "otel_disconnect_"
 CLIENT_WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300)
 WORK_AFTER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
-Kind = Literal["counter", "histogram", "inflight"]
+Kind = Literal["counter", "histogram", "inflight", "gauge"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,53 @@ METRICS: tuple[MetricSpec, ...] = (
         "{error}",
         ("where",),
         "Errors inside otel-disconnect; the app was not affected.",
+    ),
+)
+
+
+# The fleet channel's own (fleet/metrics.py), made with the channel (``redis_url=``), on the sink
+# chosen for its registry. Gauges are set by the channel; on OpenTelemetry observable gauges.
+FLEET_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "up",
+        PREFIX + "fleet_channel_up",
+        "gauge",
+        "",  # not "1": the translation would append _ratio to a gauge
+        (),
+        "1 while this process reads and writes the fleet's Redis event stream, 0 while it "
+        "cannot (detection falls back to the process).",
+    ),
+    MetricSpec(
+        "queued",
+        PREFIX + "fleet_events_queued",
+        "gauge",
+        "{event}",
+        (),
+        "Events waiting in this process for Redis (bounded; down or slow Redis fills it).",
+    ),
+    MetricSpec(
+        "published",
+        PREFIX + "fleet_events_published",
+        "counter",
+        "{event}",
+        ("kind",),
+        "Disconnect events written to the fleet's Redis stream.",
+    ),
+    MetricSpec(
+        "received",
+        PREFIX + "fleet_events_received",
+        "counter",
+        "{event}",
+        ("kind",),
+        "Events from other processes of the fleet, read from its Redis stream.",
+    ),
+    MetricSpec(
+        "dropped",
+        PREFIX + "fleet_events_dropped",
+        "counter",
+        "{event}",
+        ("reason",),
+        "Events dropped: queue_full (Redis down or slow), foreign (another fleet), malformed.",
     ),
 )
 

@@ -6,6 +6,8 @@ The families have the prometheus-client sink's shape (``labels(*values).inc(n)``
 - Counters are counted here, under a lock as prometheus-client does, and reported by observable
   counters when the SDK collects (cumulative; the SDK turns them into deltas for an exporter
   that wants those).
+- Gauges without labels (the fleet channel's) are a plain value set here, reported by
+  observable gauges.
 - The in-flight series are an observable up-down counter over the sets of live requests
   (``metrics.InFlight``), read at collection time as prometheus-client reads them at scrape time.
 - Histograms are the SDK's, recorded in the current context, where the request's server span is:
@@ -93,13 +95,48 @@ class _Family:
         return [Observation(c.value, c.attributes) for c in children]
 
 
+def observed_counter(meter: Any, spec: MetricSpec) -> _Family:
+    """A counter family counted here, reported by an observable counter named as ``spec``."""
+    family = _Family(spec.labels)
+    meter.create_observable_counter(
+        spec.name, callbacks=[family.observe], unit=spec.unit, description=spec.help
+    )
+    return family
+
+
+class _Set:
+    """A gauge without labels, set here (a plain store: no lock, nothing the SDK can raise)
+    and reported by an observable gauge when the SDK collects."""
+
+    __slots__ = ("set", "value")
+
+    def __init__(self) -> None:
+        self.value: float = 0
+
+        def set_(value: float) -> None:
+            self.value = value
+
+        self.set = set_
+
+    def observe(self, options: Any) -> Iterable[Any]:
+        from opentelemetry.metrics import Observation
+
+        return (Observation(self.value),)
+
+
+def observed_gauge(meter: Any, spec: MetricSpec) -> _Set:
+    """A gauge without labels, reported by an observable gauge named as ``spec``."""
+    assert not spec.labels, spec.name
+    gauge = _Set()
+    meter.create_observable_gauge(
+        spec.name, callbacks=[gauge.observe], unit=spec.unit, description=spec.help
+    )
+    return gauge
+
+
 def _family(meter: Any, spec: MetricSpec) -> _Family:
     if spec.kind == "counter":
-        family = _Family(spec.labels)
-        meter.create_observable_counter(
-            spec.name, callbacks=[family.observe], unit=spec.unit, description=spec.help
-        )
-        return family
+        return observed_counter(meter, spec)
     assert spec.buckets is not None, spec.name
     histogram = meter.create_histogram(
         spec.name,
@@ -120,6 +157,7 @@ class OtelMetrics:
         def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self, meter_provider: Any, in_flight: InFlight | None = None) -> None:
+        self.meter_provider = meter_provider
         meter = meter_provider.get_meter(METER_NAME, __version__)
         self.unregistered: list[str] = []
         for spec in METRICS:
@@ -169,7 +207,10 @@ class _BothChild:
         self.inc = self.observe = both
 
 
-class _BothFamily:
+class BothFamily:
+    """A family of either sink moved together: ``labels(*values).inc(n)`` or ``.observe(v)``
+    (``method``) on both."""
+
     __slots__ = ("_children", "_first", "_method", "_second")
 
     def __init__(self, first: Any, second: Any, method: str) -> None:
@@ -224,7 +265,7 @@ class BothMetrics:
             if spec.kind != "inflight":
                 method = "inc" if spec.kind == "counter" else "observe"
                 first, second = getattr(prometheus, spec.attr), getattr(opentelemetry, spec.attr)
-                setattr(self, spec.attr, _BothFamily(first, second, method))
+                setattr(self, spec.attr, BothFamily(first, second, method))
         if prometheus.in_flight is opentelemetry.in_flight:
             self.in_flight: Any = prometheus.in_flight
         else:
