@@ -2,10 +2,11 @@
 OTLP-to-Prometheus translation of opentelemetry-exporter-prometheus, every series each dashboard
 panel and alert rule queries exists with the labels the prometheus-client sink gives it.
 
-In-process: one app on a real uvicorn with ``metrics="both"``, so the same disconnecting clients
-feed both sinks; the prometheus-client registry and the exporter's translation are compared
-series by series (names, label names and values, counter values). The SDK's in-memory reader on
-the same MeterProvider shows the raw data: instrument kinds, units, exemplars.
+In-process: one app on a real uvicorn with ``metrics="both"`` and a fleet channel on a real
+redis-server, so the same disconnecting clients (and the same fleet events) feed both sinks; the
+prometheus-client registry and the exporter's translation are compared series by series (names,
+label names and values, counter values). The SDK's in-memory reader on the same MeterProvider
+shows the raw data: instrument kinds, units, exemplars.
 
 Out of process: an unchanged app under ``opentelemetry-instrument`` with
 ``OTEL_METRICS_EXPORTER=prometheus``, where ``metrics="auto"`` must pick OpenTelemetry, scraped
@@ -17,8 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import shutil
+import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,13 +37,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from otel_disconnect import instrument_app, record_tokens
 from otel_disconnect.failsafe import internal_error
+from otel_disconnect.fleet import events
+from otel_disconnect.fleet.channel import stream_key
 from otel_disconnect.telemetry import sinks
-from otel_disconnect.telemetry.catalog import METRICS, exposed_names
+from otel_disconnect.telemetry.catalog import FLEET_METRICS, METRICS, exposed_names
 from otel_disconnect.telemetry.metrics import Metrics, metrics_for
 from otel_disconnect.telemetry.otel_metrics import BothMetrics, OtelMetrics
 from otel_disconnect.tools.ops.alerts import ALERTS
 from otel_disconnect.tools.ops.generate import DASHBOARDS
 
+from .conftest import require_binary
+from .fleet.redis_server import RedisServer
 from .servers import RawClient, free_port, serve, wait_for
 from .test_auto_instrumentation import Instrumented
 
@@ -50,7 +59,7 @@ SCOPE_LABELS = {"otel_scope_name", "otel_scope_version", "otel_scope_schema_url"
 
 def queried_series() -> set[str]:
     """Every otel_disconnect_ sample name a dashboard panel or an alert rule queries, except the
-    PostgreSQL collector's and the fleet channel's (prometheus-client on either path)."""
+    PostgreSQL collector's (its own collector, tested below and in tests/db)."""
     exprs = [t.expr for d in DASHBOARDS for p in d.panels for t in p.targets]
     exprs += [a.expr for a in ALERTS]
     names: set[str] = set()
@@ -59,7 +68,7 @@ def queried_series() -> set[str]:
         for name in re.findall(r"\b(otel_disconnect_[a-z_]+)", expr):
             if name in histograms:  # histogram_quantile(..._bucket) or the family's own name
                 names.add(name + "_bucket")
-            elif not name.startswith(("otel_disconnect_pg_", "otel_disconnect_fleet_")):
+            elif not name.startswith("otel_disconnect_pg_"):
                 names.add(name)
     return names
 
@@ -138,7 +147,9 @@ def test_a_failing_meter_provider_leaves_prometheus_metrics() -> None:
 # -- both sinks fed by the same clients --------------------------------------------------------
 
 
-def build_app(registry: CollectorRegistry, provider: MeterProvider, engine: Any) -> FastAPI:
+def build_app(
+    registry: CollectorRegistry, provider: MeterProvider, engine: Any, redis_url: str
+) -> FastAPI:
     from sqlalchemy import text
 
     app = FastAPI()
@@ -210,6 +221,8 @@ def build_app(registry: CollectorRegistry, provider: MeterProvider, engine: Any)
         metrics="both",
         meter_provider=provider,
         tracer_provider=TracerProvider(),
+        redis_url=redis_url,  # the fleet channel's series too
+        fleet=FLEET,
     )
     return app
 
@@ -226,8 +239,34 @@ def abandon(port: int, path: str, started: list[Any], key: tuple[str, int] | Non
             wait_for(lambda: started.count(key) > before, timeout=10)
 
 
+FLEET = "otel-sink"
+
+
 @pytest.fixture(scope="module")
-def both_sinks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def redis_server() -> Iterator[RedisServer]:
+    pytest.importorskip("redis")
+    # A short directory: a Unix socket path must stay under 108 bytes.
+    directory = Path(tempfile.mkdtemp(prefix="od-redis-"))
+    server = RedisServer(require_binary("redis-server"), directory).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def from_the_fleet(redis: RedisServer) -> None:
+    """What other processes of the fleet write: one event heard, one foreign, one malformed."""
+    raw, key = redis.client(), stream_key(FLEET)
+    raw.xadd(key, {"e": events.over(FLEET, "elsewhere", time.time(), "app", 7)})
+    raw.xadd(key, {"e": events.over("another-fleet", "elsewhere", time.time(), "app", 8)})
+    raw.xadd(key, {"e": b"not json"})
+
+
+@pytest.fixture(scope="module")
+def both_sinks(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+) -> Iterator[dict[str, Any]]:
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -244,13 +283,16 @@ def both_sinks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     translating.register(collector)
     provider = MeterProvider(metric_readers=[memory, prometheus_reader])
     registry = CollectorRegistry()
-    app = build_app(registry, provider, engine)
+    app = build_app(registry, provider, engine, redis_server.url)
     started: list[Any] = app.state.started
     try:
         with serve(app, "uvicorn-h11") as server:
             with RawClient(server.port) as client:
                 client.request("GET", "/hello", headers={"Connection": "close"})
                 client.read_all()
+            # The channel started with the first request; its reader reads what comes after.
+            wait_for(lambda: registry.get_sample_value("otel_disconnect_fleet_channel_up") == 1)
+            from_the_fleet(redis_server)
             for q in (1, 1):  # the second is a retry of the first
                 abandon(server.port, f"/slow?q={q}", started, ("slow", q))
             abandon(server.port, "/db", started, ("db", 0))
@@ -261,13 +303,27 @@ def both_sinks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             sink = metrics_for(registry)
 
             def settled() -> bool:
-                # Every request ended (no zombie left) and generation after disconnect observed.
+                # Every request ended (no zombie left) and generation after disconnect observed;
+                # every disconnect's event written to Redis, the fleet's events read.
                 text = generate_latest(registry).decode()
+                found = samples(text)
+                counted = found.get("otel_disconnect_client_disconnects_total", {})
+                disconnects = sum(counted.values())
+                fleet = {
+                    name: sum(found.get(f"otel_disconnect_fleet_{name}", {}).values())
+                    for name in ("events_published_total", "events_received_total",
+                                 "events_dropped_total", "events_queued")
+                }
                 return (
                     'otel_disconnect_inflight_requests{client="disconnected"} 0.0' in text
                     and "otel_disconnect_llm_generation_after_disconnect_seconds_count" in text
                     and "otel_disconnect_db_checkins_total" in text
                     and "otel_disconnect_db_connections_left_open_total" in text
+                    and disconnects > 0
+                    and fleet["events_published_total"] == disconnects
+                    and fleet["events_received_total"] == 1
+                    and fleet["events_dropped_total"] == 2
+                    and fleet["events_queued"] == 0
                 )
 
             wait_for(settled, timeout=15, interval=0.05)
@@ -292,6 +348,13 @@ def test_every_queried_series_exists_with_the_same_labels(both_sinks: dict[str, 
     translated = samples(both_sinks["translated"])
     wanted = queried_series()
     assert wanted  # the dashboards and rules do query the package's series
+    assert {n for n in wanted if n.startswith("otel_disconnect_fleet_")} == {
+        "otel_disconnect_fleet_channel_up",
+        "otel_disconnect_fleet_events_queued",
+        "otel_disconnect_fleet_events_published_total",
+        "otel_disconnect_fleet_events_received_total",
+        "otel_disconnect_fleet_events_dropped_total",
+    }
     assert not wanted - set(direct), f"the load does not produce {sorted(wanted - set(direct))}"
     missing = wanted - set(translated)
     assert not missing, f"not through the translation: {sorted(missing)}"
@@ -305,7 +368,7 @@ def test_every_queried_series_exists_with_the_same_labels(both_sinks: dict[str, 
 def test_every_family_translates_to_its_prometheus_names(both_sinks: dict[str, Any]) -> None:
     translated = samples(both_sinks["translated"])
     direct = samples(both_sinks["prometheus"])
-    for spec in METRICS:
+    for spec in METRICS + FLEET_METRICS:
         for name in exposed_names(spec):
             # A family this load never touched is absent on both paths alike.
             assert (name in translated) == (name in direct), name
@@ -320,7 +383,7 @@ def test_the_raw_otlp_data(both_sinks: dict[str, Any]) -> None:
         if sm.scope.name == "otel_disconnect"
         for m in sm.metrics
     }
-    by_name = {s.name: s for s in METRICS}
+    by_name = {s.name: s for s in METRICS + FLEET_METRICS}
     for name, metric in metrics.items():
         spec = by_name[name]
         assert metric.unit == spec.unit, name
@@ -329,6 +392,8 @@ def test_the_raw_otlp_data(both_sinks: dict[str, Any]) -> None:
             assert (kind, metric.data.is_monotonic) == ("Sum", True), name
         elif spec.kind == "inflight":
             assert (kind, metric.data.is_monotonic) == ("Sum", False), name
+        elif spec.kind == "gauge":
+            assert kind == "Gauge", name
         else:
             assert kind == "Histogram", name
             point = metric.data.data_points[0]
