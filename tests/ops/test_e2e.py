@@ -369,8 +369,14 @@ def _event_from_another_process(redis_server: RedisServer, registry: CollectorRe
     from otel_disconnect.fleet import events
     from otel_disconnect.fleet.channel import stream_key
 
-    wait_for(lambda: registry.get_sample_value("otel_disconnect_fleet_channel_up") == 1,
-             timeout=DEADLINE)
+    def up() -> bool:
+        # On the OpenTelemetry run the gauge is the exporter's translation, with scope labels.
+        return any(
+            s.name == "otel_disconnect_fleet_channel_up" and s.value == 1
+            for family in registry.collect() for s in family.samples
+        )
+
+    wait_for(up, timeout=DEADLINE)
     payload = events.retry("default", "e2e-other:1:0", b"\0" * 8, time.time(), 30.0)
     redis_server.client().xadd(stream_key("default"), {events.FIELD: payload})
 
