@@ -94,6 +94,7 @@ def test_a_short_disk_removes_idle_environments_least_recently_used_first(
     big = use(m, "big", 14)
     assert not recent.exists()
     assert old.exists() and newest.exists() and big.exists()
+    assert f"removed the idle environment {recent.name}" in (m.root / "big.build.log").read_text()
 
 
 def test_a_stale_or_killed_build_goes_before_any_ready_environment(

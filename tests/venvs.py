@@ -114,13 +114,15 @@ class Matrix:
     def _build(self, name: str, venv: Path, steps: list[list[str]], need_gb: float) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(venv, ignore_errors=True)
-        self.make_room(need_gb, building=venv.name)
+        removed = self.make_room(need_gb, building=venv.name)
         log = self.root / f"{name}.build.log"
         tmp = self.root / ".tmp" / venv.name
         env = {**os.environ, "PIP_NO_CACHE_DIR": "1", "TMPDIR": str(tmp)}
         env = {k: v for k, v in env.items() if not k.startswith("PYTEST_")}
         try:
             with log.open("w") as out:
+                for gone in removed:
+                    out.write(f"# removed the idle environment {gone} to make room\n")
                 for step in steps:
                     self._step([p.replace("{venv}", str(venv)) for p in step], out, log, env, tmp)
         except BaseException:
@@ -150,12 +152,13 @@ class Matrix:
                 continue
             raise BuildError(f"building failed ({' '.join(step)}), see {log}:\n{printed[-4000:]}")
 
-    def make_room(self, need_gb: float, *, building: str) -> None:
-        """Free ``need_gb`` under the root by removing idle environments, oldest use first."""
+    def make_room(self, need_gb: float, *, building: str) -> list[str]:
+        """Free ``need_gb`` under the root by removing idle environments, oldest use first;
+        the names of those removed."""
         need = int(need_gb * GB)
         free = self._disk_free(self.root)
         if free >= need:
-            return
+            return []
         removed: list[str] = []
         held: list[str] = []
         for candidate in self._oldest_first(building):
@@ -169,7 +172,7 @@ class Matrix:
             removed.append(candidate.name)
             free = self._disk_free(self.root)
             if free >= need:
-                return
+                return removed
         raise BuildError(
             f"building {building} needs about {need_gb:.0f} GB free under {self.root}; "
             f"{free / GB:.1f} GB is free after removing {len(removed)} idle environment(s) "
