@@ -18,12 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import shutil
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,8 +43,7 @@ from otel_disconnect.telemetry.otel_metrics import BothMetrics, OtelMetrics
 from otel_disconnect.tools.ops.alerts import ALERTS
 from otel_disconnect.tools.ops.generate import DASHBOARDS
 
-from .conftest import require_binary
-from .fleet.redis_server import RedisServer
+from .fleet.redis_server import RedisServer, running_redis
 from .servers import RawClient, free_port, serve, wait_for
 from .test_auto_instrumentation import Instrumented
 
@@ -245,14 +241,8 @@ FLEET = "otel-sink"
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     pytest.importorskip("redis")
-    # A short directory: a Unix socket path must stay under 108 bytes.
-    directory = Path(tempfile.mkdtemp(prefix="od-redis-"))
-    server = RedisServer(require_binary("redis-server"), directory).start()
-    try:
+    with running_redis() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def from_the_fleet(redis: RedisServer) -> None:

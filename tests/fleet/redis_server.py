@@ -6,13 +6,33 @@ client configured with the URL sees a restart, as in production. Nothing is pers
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..conftest import require_binary
 from ..servers import wait_for
+
+
+@contextlib.contextmanager
+def running_redis() -> Iterator[RedisServer]:
+    """A started server in a new temporary directory; stopped (by PID) and removed after.
+    Skips without the Debian ``redis-server``, except under CI=true."""
+    binary = require_binary("redis-server")
+    # A short directory: a Unix socket path must stay under 108 bytes.
+    directory = Path(tempfile.mkdtemp(prefix="od-redis-"))
+    server = RedisServer(binary, directory).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class RedisServer:

@@ -21,9 +21,7 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -44,7 +42,7 @@ from otel_disconnect.tools.ops.generate import DASHBOARDS, rules_text
 from otel_disconnect.tools.ops.grafana import SOURCES
 from otel_disconnect.tools.ops.webhook import AlertLog
 from tests.conftest import require_binary
-from tests.fleet.redis_server import RedisServer
+from tests.fleet.redis_server import RedisServer, running_redis
 from tests.ops.promstack import Process, query, start_alertmanager, start_prometheus
 from tests.servers import RawClient, free_port, serve, wait_for
 
@@ -351,15 +349,9 @@ def fleet_redis(options: dict[str, Any]) -> Iterator[RedisServer | None]:
     if "fleet" not in wired_sources():
         yield None
         return
-    # A short directory: a Unix socket path must stay under 108 bytes.
-    directory = Path(tempfile.mkdtemp(prefix="od-e2e-redis-"))
-    server = RedisServer(require_binary("redis-server"), directory).start()
-    options["redis_url"] = server.url
-    try:
+    with running_redis() as server:
+        options["redis_url"] = server.url
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _event_from_another_process(redis_server: RedisServer, registry: CollectorRegistry) -> None:
