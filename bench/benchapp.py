@@ -58,7 +58,7 @@ _gc_clock = [0.0]  # perf_counter() at the start of the running collection
 
 def _on_gc(phase: str, info: dict[str, Any]) -> None:
     # Objects the cycle collector frees are reference cycles the request path left behind; the
-    # time it spends is the pause that shows up in the p99 tail (SPEC section 13).
+    # time it spends is the pause that shows up in the p99 tail (README: Performance).
     if phase == "start":
         _gc_clock[0] = time.perf_counter()
         return

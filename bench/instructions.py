@@ -5,7 +5,7 @@ instruction count does not. Two measurements, each ``N1`` and then ``N2`` reques
 warm-up, in two processes with a fixed hash seed; the difference of their totals divided by
 ``N2 - N1`` is the per-request cost, free of start-up and shut-down:
 
-- ``uvicorn``: the server process the SPEC's anchors measure (one uvicorn worker, httptools,
+- ``uvicorn``: the server process the README's figures measure (one uvicorn worker, httptools,
   uvloop, serving bench/benchapp.py) runs under callgrind; a client outside it sends the requests
   one after another on one keep-alive connection. Everything the server does per request is
   counted: HTTP parsing, the event loop, the app, the garbage collector.

@@ -78,7 +78,8 @@ async def drive(app: Any, path: str, n: int) -> float:
 
 def garbage_per_request(app: Any, path: str = "/hello", n: int = 200) -> float:
     """Objects the cycle collector finds per request: each is a reference cycle (or hangs off
-    one) that reference counting could not free, the source of the p99 GC pauses of SPEC 13."""
+    one) that reference counting could not free, the source of the p99 GC pauses (README:
+    Performance)."""
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(drive(app, path, 50))  # warm-up: caches, middleware stack

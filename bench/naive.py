@@ -1,4 +1,4 @@
-"""The reference design SPEC section 13 measures against: one reader task per request.
+"""The reference design the README's Performance section measures against: a reader task each.
 
 A pure ASGI middleware that starts an asyncio task calling ``receive()`` until ``http.disconnect``,
 hands the messages it read to the app through a queue, and cancels the task when the app returns.

@@ -52,8 +52,8 @@ def micro() -> Iterator[Any]:
 
 @pytest.mark.parametrize("path", ["/hello", "/stream"])
 def test_no_reference_cycles_per_request(micro: Any, path: str) -> None:
-    """SPEC 13: no added p99 tail, so no reference cycles per request (the OpenTelemetry-only app
-    is the baseline: whatever it leaves, the middleware must not add to)."""
+    """No added p99 tail (README: Performance), so no reference cycles per request (the
+    OpenTelemetry-only app is the baseline: whatever it leaves, the middleware must not add to)."""
     baseline = micro.garbage_per_request(micro.create_app("otel"), path)
     with_middleware = micro.garbage_per_request(micro.create_app("otel+disconnect"), path)
     assert with_middleware <= baseline, (

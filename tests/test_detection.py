@@ -133,9 +133,9 @@ def test_stream_abandoned_midway(
     assert attrs["disconnect.phase"] == "streaming"
     assert attrs["disconnect.detected_by"] in ("receive", "send_error")
     if path == "/stream" and advertises_asgi_24_without_raising(server_kind):
-        # SPEC 1: Starlette >= 0.42 trusts the 2.4 claim, runs no disconnect listener and the
-        # stream runs to its end for nobody. Recorded as such; raise_on_send_after_disconnect
-        # is the fix.
+        # docs/detection.md: Starlette >= 0.42 trusts the 2.4 claim, runs no disconnect listener
+        # and the stream runs to its end for nobody. Recorded as such;
+        # raise_on_send_after_disconnect is the fix.
         assert attrs["disconnect.outcome"] == "completed"
         assert sent == 200
         assert attrs["disconnect.sends_dropped"] > 150

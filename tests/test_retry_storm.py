@@ -1,4 +1,4 @@
-"""The retry storm of SPEC 1, scaled down in time, on a real server with real sockets.
+"""A retry storm (README: Retry storms), scaled down in time, on a real server with real sockets.
 
 An agreed concurrency of 4, a server that works up to its 0.9 s timeout, clients that time out
 at a third of that (0.3 s) and retry the same request twice."""

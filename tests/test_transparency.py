@@ -120,7 +120,8 @@ def test_no_tasks_or_state_left_after_random_disconnects(telemetry: Telemetry) -
 
 
 def test_no_reference_cycles_per_request() -> None:
-    """A cycle per request means a GC pass every few hundred requests: the p99 tail of SPEC 13."""
+    """A cycle per request means a GC pass every few hundred requests: the p99 tail (README:
+    Performance)."""
 
     class Server:
         def __init__(self) -> None:

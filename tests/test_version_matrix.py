@@ -1,4 +1,5 @@
-"""The detection suite (tests marked ``matrix``) on the versions of SPEC section 11.
+"""The detection suite (tests marked ``matrix``) on the versions the README lists
+under Supported and tested.
 
 Each combination gets its own virtual environment under ``.matrix/`` (``tests/venvs.py``: kept
 between runs, rebuilt when the pins or pyproject.toml change) and runs ``pytest -m matrix``

@@ -1,4 +1,5 @@
-"""The Grafana conventions of SPEC section 9, checked on the committed dashboard JSON."""
+"""The Grafana conventions the dashboards keep (README: Dashboards, alerts, the whole stack),
+checked on the committed dashboard JSON."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def test_every_referenced_metric_is_a_known_name(name: str) -> None:
 
 
 def _known_metrics() -> set[str]:
-    """Exposed sample names of SPEC sections 6 (metrics.py) and 8 (the pg collector), and the
+    """Exposed sample names of docs/reference.md (metrics.py) and of the pg collector, and the
     fleet channel's (fleet/metrics.py)."""
     from prometheus_client import CollectorRegistry
 
