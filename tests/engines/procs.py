@@ -46,6 +46,16 @@ class Proc:
         return self.log.read_text(errors="replace")
 
 
+def quiet_otel(service: str) -> dict[str, str]:
+    """`opentelemetry-instrument` exporting nothing: the package's own metrics are what is read."""
+    return {
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_SERVICE_NAME": service,
+    }
+
+
 def value(samples: dict[Any, float], name: str, **labels: str) -> float:
     """A sample's value; 0 when absent. Labels not given must match any value (summed)."""
     total = 0.0

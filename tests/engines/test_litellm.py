@@ -14,7 +14,7 @@ import pytest
 
 from ..servers import RawClient, wait_for
 from .envs import require
-from .procs import Proc, assert_clean_log, read_response, settled, started, value
+from .procs import Proc, assert_clean_log, quiet_otel, read_response, settled, started, value
 
 ROUTE = "/v1/chat/completions"
 KEY = "sk-otel-disconnect-test"
@@ -79,13 +79,7 @@ def _litellm(env: Path, tmp: Path, sim: Proc, instrumented: bool, name: str) -> 
         "1",
     ]
     argv = [str(env / "bin" / "opentelemetry-instrument"), *litellm] if instrumented else litellm
-    otel = {
-        "OTEL_TRACES_EXPORTER": "none",
-        "OTEL_METRICS_EXPORTER": "none",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_SERVICE_NAME": "litellm",
-        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no network here
-    }
+    otel = {**quiet_otel("litellm"), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # no network here
     return started(argv, tmp / f"{name}.log", "/health/liveliness", env=otel)
 
 

@@ -18,26 +18,22 @@ from typing import Any
 import pytest
 
 from ..servers import RawClient, wait_for
-from .envs import require
-from .procs import Proc, assert_clean_log, delta, read_response, settled, started, value
+from .procs import (
+    Proc,
+    assert_clean_log,
+    delta,
+    quiet_otel,
+    read_response,
+    settled,
+    started,
+    value,
+)
+from .sglang_fake import MODEL
 
 ROUTE = "/generate"
-MODEL = "fake-sglang"
+OTEL = quiet_otel("sglang")
 SERVER = Path(__file__).with_name("sglang_server.py")
-OTEL = {
-    "OTEL_TRACES_EXPORTER": "none",
-    "OTEL_METRICS_EXPORTER": "none",
-    "OTEL_LOGS_EXPORTER": "none",
-    "OTEL_SERVICE_NAME": "sglang",
-}
 pytestmark = pytest.mark.timeout(1800)
-
-
-# Module-scoped: released when this file's tests end, so a short disk can make room for vLLM.
-@pytest.fixture(scope="module")
-def sglang_env() -> Iterator[Path]:
-    with require("sglang") as venv:
-        yield venv
 
 
 def _server(

@@ -23,18 +23,21 @@ from typing import Any, NamedTuple
 import pytest
 
 from ..servers import RawClient, wait_for
-from .envs import require
-from .procs import Proc, assert_clean_log, delta, read_response, settled, started, value
+from .procs import (
+    Proc,
+    assert_clean_log,
+    delta,
+    quiet_otel,
+    read_response,
+    settled,
+    started,
+    value,
+)
+from .sglang_fake import MODEL
 
 ROUTE = "/generate"
-MODEL = "fake-sglang"
+OTEL = quiet_otel("sglang")
 LAUNCHER = Path(__file__).with_name("sglang_launch.py")
-OTEL = {
-    "OTEL_TRACES_EXPORTER": "none",
-    "OTEL_METRICS_EXPORTER": "none",
-    "OTEL_LOGS_EXPORTER": "none",
-    "OTEL_SERVICE_NAME": "sglang",
-}
 pytestmark = pytest.mark.timeout(1800)
 
 
@@ -114,13 +117,6 @@ def _launched(env: Path, tmp: Path, mode: str) -> Iterator[Launch]:
         for child in children:
             if _running(child):
                 os.kill(child.pid, signal.SIGKILL)
-
-
-# Module-scoped: released when this file's tests end, so a short disk can make room for vLLM.
-@pytest.fixture(scope="module")
-def sglang_env() -> Iterator[Path]:
-    with require("sglang") as venv:
-        yield venv
 
 
 @pytest.fixture(scope="module")
